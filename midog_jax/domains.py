@@ -26,7 +26,8 @@ class TumorType:
 class Scanner:
   slug: str
   name: str  # Name as printed in the paper's Table 2.
-  spellings: tuple[str, ...]  # Every other spelling seen in the files/paper.
+  csv_name: str  # Spelling in datasets_xvalidation.csv `Scanner`.
+  spellings: tuple[str, ...]  # Other spellings seen in the paper.
   um_per_px: float  # Nominal resolution (paper, Table 1).
 
 
@@ -35,8 +36,12 @@ class Domain:
   id: str  # "1a" ... "7"
   tumor: TumorType
   scanner: Scanner
-  lab: str
-  cases: int  # Number of cases in MIDOG++ (paper, Table 1).
+  lab: str  # Spelling in datasets_xvalidation.csv `Origin`.
+  cases: int  # Paper, Table 1.
+  # Annotation totals (paper, Table 2, as counted in MIDOG++.json: the
+  # printed table has one non-mitotic figure more in domains 2 and 5).
+  mitotic_figures: int
+  non_mitotic_figures: int
 
   @property
   def species(self) -> str:
@@ -66,15 +71,16 @@ TUMOR_TYPES: tuple[TumorType, ...] = (
 )
 
 SCANNERS: tuple[Scanner, ...] = (
-    Scanner("hamamatsu_xr", "Hamamatsu XR (C12000-22)",
-            ("Hamamatsu XR", "Hamammatsu XR"), 0.23),
-    Scanner("hamamatsu_s360", "Hamamatsu S360",
+    # The CSV misspells it "Hamammatsu XR".
+    Scanner("hamamatsu_xr", "Hamamatsu XR (C12000-22)", "Hamammatsu XR",
+            ("Hamamatsu XR",), 0.23),
+    Scanner("hamamatsu_s360", "Hamamatsu S360", "Hamamatsu S360",
             ("Hamamatsu S360 (0.5 N/A)",), 0.23),
     # The paper's Table 1 calls it "Leica ScanScope CS2" for domain 1c.
-    Scanner("aperio_cs2", "Aperio ScanScope CS2",
-            ("Aperio CS2", "Leica ScanScope CS2"), 0.25),
-    Scanner("3dhistech_p250", "3DHistech Pannoramic Scan II",
-            ("3D Histech",), 0.25),
+    Scanner("aperio_cs2", "Aperio ScanScope CS2", "Aperio CS2",
+            ("Leica ScanScope CS2",), 0.25),
+    Scanner("3dhistech_p250", "3DHistech Pannoramic Scan II", "3D Histech",
+            (), 0.25),
 )
 
 LABS = ("UMC Utrecht", "VMU Vienna", "FU Berlin", "AMC New York")
@@ -89,16 +95,16 @@ def _tumor(slug: str) -> TumorType:
 
 
 DOMAINS: tuple[Domain, ...] = (
-    Domain("1a", _tumor("human_breast_carcinoma"), _scanner("hamamatsu_xr"), "UMC Utrecht", 50),
-    Domain("1b", _tumor("human_breast_carcinoma"), _scanner("hamamatsu_s360"), "UMC Utrecht", 50),
-    Domain("1c", _tumor("human_breast_carcinoma"), _scanner("aperio_cs2"), "UMC Utrecht", 50),
-    Domain("2", _tumor("canine_lung_carcinoma"), _scanner("3dhistech_p250"), "VMU Vienna", 44),
-    Domain("3", _tumor("canine_lymphoma"), _scanner("3dhistech_p250"), "VMU Vienna", 55),
-    Domain("4", _tumor("canine_mast_cell_tumor"), _scanner("aperio_cs2"), "FU Berlin", 50),
-    Domain("5", _tumor("human_neuroendocrine_tumor"), _scanner("hamamatsu_xr"), "UMC Utrecht", 55),
-    Domain("6a", _tumor("canine_soft_tissue_sarcoma"), _scanner("3dhistech_p250"), "AMC New York", 85),
-    Domain("6b", _tumor("canine_soft_tissue_sarcoma"), _scanner("3dhistech_p250"), "VMU Vienna", 15),
-    Domain("7", _tumor("human_melanoma"), _scanner("hamamatsu_xr"), "UMC Utrecht", 49),
+    Domain("1a", _tumor("human_breast_carcinoma"), _scanner("hamamatsu_xr"), "UMC Utrecht", 50, 451, 724),
+    Domain("1b", _tumor("human_breast_carcinoma"), _scanner("hamamatsu_s360"), "UMC Utrecht", 50, 582, 1066),
+    Domain("1c", _tumor("human_breast_carcinoma"), _scanner("aperio_cs2"), "UMC Utrecht", 50, 688, 924),
+    Domain("2", _tumor("canine_lung_carcinoma"), _scanner("3dhistech_p250"), "VMU Vienna", 44, 855, 951),
+    Domain("3", _tumor("canine_lymphoma"), _scanner("3dhistech_p250"), "VMU Vienna", 55, 3959, 4257),
+    Domain("4", _tumor("canine_mast_cell_tumor"), _scanner("aperio_cs2"), "FU Berlin", 50, 2327, 1366),
+    Domain("5", _tumor("human_neuroendocrine_tumor"), _scanner("hamamatsu_xr"), "UMC Utrecht", 55, 639, 1761),
+    Domain("6a", _tumor("canine_soft_tissue_sarcoma"), _scanner("3dhistech_p250"), "AMC New York", 85, 1097, 2072),
+    Domain("6b", _tumor("canine_soft_tissue_sarcoma"), _scanner("3dhistech_p250"), "VMU Vienna", 15, 189, 303),
+    Domain("7", _tumor("human_melanoma"), _scanner("hamamatsu_xr"), "UMC Utrecht", 49, 1150, 925),
 )
 
 TUMOR_SLUGS: tuple[str, ...] = tuple(t.slug for t in TUMOR_TYPES)
@@ -116,7 +122,7 @@ for _t in TUMOR_TYPES:
 
 _SCANNER_BY_SPELLING: dict[str, Scanner] = {}
 for _sc in SCANNERS:
-  for _s in (_sc.slug, _sc.name) + _sc.spellings:
+  for _s in (_sc.slug, _sc.name, _sc.csv_name) + _sc.spellings:
     _SCANNER_BY_SPELLING[_norm(_s)] = _sc
 
 
@@ -135,7 +141,7 @@ def scanner(name: str) -> Scanner:
   try:
     return _SCANNER_BY_SPELLING[_norm(name)]
   except KeyError:
-    known = sorted({s for sc in SCANNERS for s in (sc.name,) + sc.spellings})
+    known = sorted({s for sc in SCANNERS for s in (sc.name, sc.csv_name) + sc.spellings})
     raise KeyError(
         f"unknown scanner {name!r}; known spellings: {', '.join(known)}"
     ) from None

@@ -1,0 +1,90 @@
+"""The paper's Table 2 per domain: `python -m midog_jax.stats`.
+
+  python -m midog_jax.stats --annotations MIDOG++.json \
+      --splits datasets_xvalidation.csv [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+from midog_jax import annotations as annotations_lib
+from midog_jax import domains
+
+COLUMNS = ("domain", "tumor_type", "scanner", "cases", "train_cases",
+           "test_cases", "mitotic_figures", "mitotic_figures_median",
+           "non_mitotic_figures", "non_mitotic_figures_median")
+
+
+def domain_table(cases: Sequence[annotations_lib.Case]) -> list[dict[str, Any]]:
+  """One row per domain (registry order) with the paper's Table 2 columns."""
+  rows = []
+  for d in domains.DOMAINS:
+    mine = [c for c in cases if c.domain == d.id]
+    mitotic = [len(c.mitotic_figures) for c in mine]
+    non_mitotic = [len(c.non_mitotic_figures) for c in mine]
+    rows.append({
+        "domain": d.id,
+        "tumor_type": d.tumor.slug,
+        "scanner": d.scanner.name,
+        "cases": len(mine),
+        "train_cases": sum(c.split == "train" for c in mine),
+        "test_cases": sum(c.split == "test" for c in mine),
+        "mitotic_figures": int(sum(mitotic)),
+        "mitotic_figures_median": float(np.median(mitotic)) if mine else None,
+        "non_mitotic_figures": int(sum(non_mitotic)),
+        "non_mitotic_figures_median": float(np.median(non_mitotic)) if mine else None,
+    })
+  return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+  head = ("domain", "tumour type", "scanner", "cases", "train", "test",
+          "MF sum", "MF median", "non-MF sum", "non-MF median")
+  body = [(r["domain"], domains.tumor_type(r["tumor_type"]).display, r["scanner"],
+           r["cases"], r["train_cases"], r["test_cases"],
+           f"{r['mitotic_figures']:,}", _num(r["mitotic_figures_median"]),
+           f"{r['non_mitotic_figures']:,}", _num(r["non_mitotic_figures_median"]))
+          for r in rows]
+  total = ("total", "", "", sum(r["cases"] for r in rows),
+           sum(r["train_cases"] for r in rows), sum(r["test_cases"] for r in rows),
+           f"{sum(r['mitotic_figures'] for r in rows):,}", "",
+           f"{sum(r['non_mitotic_figures'] for r in rows):,}", "")
+  table = [head, *body, total]
+  widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+  lines = ["  ".join(str(v).rjust(w) if i >= 3 else str(v).ljust(w)
+                     for i, (v, w) in enumerate(zip(row, widths))) for row in table]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def _num(v: float | None) -> str:
+  return "-" if v is None else f"{v:.1f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m midog_jax.stats", description=__doc__.splitlines()[0])
+  parser.add_argument("--annotations", required=True, help="path of MIDOG++.json")
+  parser.add_argument("--splits", required=True, help="path of datasets_xvalidation.csv")
+  parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+  try:
+    cases = annotations_lib.load_cases(args.annotations, args.splits)
+  except annotations_lib.AnnotationError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  rows = domain_table(cases)
+  print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
