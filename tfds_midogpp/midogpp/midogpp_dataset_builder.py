@@ -71,8 +71,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       local = dl_manager.download({"annotations": ANNOTATIONS_URL, "splits": SPLITS_URL})
     cases = annotations_lib.load_cases(os.fspath(local["annotations"]),
                                        os.fspath(local["splits"]))
-    return {split: self._generate_examples(images, [c for c in cases if c.split == split])
-            for split in annotations_lib.SPLITS}
+    by_split = {s: [c for c in cases if c.split == s] for s in annotations_lib.SPLITS}
+    # A partial annotation set (e.g. a subset of cases) may lack a split.
+    return {s: self._generate_examples(images, cs) for s, cs in by_split.items() if cs}
 
   def _generate_examples(self, images, cases):
     for case in cases:
