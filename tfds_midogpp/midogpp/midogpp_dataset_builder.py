@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from midog_jax import annotations as annotations_lib
@@ -20,6 +22,9 @@ SPLITS_URL = _REPO + "datasets_xvalidation.csv"
 ANNOTATIONS_FILE = "MIDOG++.json"
 SPLITS_FILE = "datasets_xvalidation.csv"
 MAX_VOTES = 3  # Two experts, plus a third where they disagreed.
+# zlib level 1: 5x faster to encode than the default, 7 % larger, decodes
+# as fast (measured on full-size ROIs, see README.md).
+PNG_COMPRESSION = 1
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -89,7 +94,7 @@ def example(path: str, case: annotations_lib.Case) -> dict:
   half = annotations_lib.BOX_SIZE / 2
   w, h = case.width, case.height
   return {
-      "image": rgb,
+      "image": io.BytesIO(tf.io.encode_png(rgb, compression=PNG_COMPRESSION).numpy()),
       "file_name": case.file_name,
       "case_id": case.id,
       "tumor_type": case.tumor,
