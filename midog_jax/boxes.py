@@ -26,7 +26,7 @@ IGNORED = -2
 
 
 def feature_side(side: int, level: int) -> int:
-  """Side of pyramid level `level` for an input side (each stride-2 step rounds up)."""
+  """Side of pyramid level `level` (each stride-2 step rounds up)."""
   for _ in range(level):
     side = -(-side // 2)
   return side
@@ -97,7 +97,7 @@ def tlbr_to_cthw(boxes: jax.Array) -> jax.Array:
 
 
 def encode(boxes: jax.Array, anchors: jax.Array) -> jax.Array:
-  """Regression targets of `boxes` relative to `anchors`, both (cy, cx, h, w)."""
+  """Regression targets of `boxes` on `anchors`, both (cy, cx, h, w)."""
   t_centres = (boxes[..., :2] - anchors[..., :2]) / anchors[..., 2:]
   t_sizes = jnp.log(boxes[..., 2:] / anchors[..., 2:] + 1e-8)
   return jnp.concatenate([t_centres, t_sizes], -1) / jnp.asarray(BOX_STD)

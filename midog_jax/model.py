@@ -17,9 +17,12 @@ from flax import nnx
 
 from midog_jax import boxes as box_lib
 
-# Kaiming-normal as torch's `kaiming_normal_`: untruncated normal.
-HEAD_INIT = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
-BODY_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+Initializer = nnx.initializers.Initializer
+
+# Kaiming-normal as torch's `kaiming_normal_` (untruncated normal): fan-in
+# for the FPN and heads (fastai's conv2d), fan-out for the body (torchvision).
+KAIMING_IN = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+KAIMING_OUT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 ALL_LEVELS = (3, 4, 5, 6, 7)
 
 
@@ -47,8 +50,9 @@ def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def conv(cin: int, cout: int, k: int, stride: int = 1, *, bias: bool,
-         init, dtype, rngs: nnx.Rngs, bias_init=nnx.initializers.zeros
-         ) -> nnx.Conv:
+         init: Initializer, dtype: jnp.dtype, rngs: nnx.Rngs,
+         bias_init: Initializer = nnx.initializers.zeros) -> nnx.Conv:
+  """A k x k convolution padded like torch's `padding=k // 2`."""
   return nnx.Conv(cin, cout, (k, k), (stride, stride), padding=_pad(k),
                   use_bias=bias, kernel_init=init, bias_init=bias_init,
                   dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
@@ -62,7 +66,7 @@ class BatchNorm(nnx.Module):
   """
 
   def __init__(self, features: int, *, eps: float = 1e-5,
-               momentum: float = 0.1, dtype=jnp.float32):
+               momentum: float = 0.1, dtype: jnp.dtype = jnp.float32):
     self.scale = nnx.Param(jnp.ones((features,), jnp.float32))
     self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
     self.mean = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
@@ -77,22 +81,22 @@ class BatchNorm(nnx.Module):
       var = jnp.maximum(jnp.square(xf).mean(axes) - jnp.square(mean), 0.0)
       n = x.size // x.shape[-1]
       m = self.momentum
-      self.mean.value = jax.lax.stop_gradient(
-          (1 - m) * self.mean.value + m * mean)
-      self.var.value = jax.lax.stop_gradient(
-          (1 - m) * self.var.value + m * var * (n / max(n - 1, 1)))
+      self.mean[...] = jax.lax.stop_gradient(
+          (1 - m) * self.mean[...] + m * mean)
+      self.var[...] = jax.lax.stop_gradient(
+          (1 - m) * self.var[...] + m * var * (n / max(n - 1, 1)))
     else:
-      mean, var = self.mean.value, self.var.value
-    mul = self.scale.value * jax.lax.rsqrt(var + self.eps)
-    return (xf * mul + (self.bias.value - mean * mul)).astype(self.dtype)
+      mean, var = self.mean[...], self.var[...]
+    mul = self.scale[...] * jax.lax.rsqrt(var + self.eps)
+    return (xf * mul + (self.bias[...] - mean * mul)).astype(self.dtype)
 
 
 class BasicBlock(nnx.Module):
   """torchvision's BasicBlock (expansion 1)."""
 
-  def __init__(self, cin: int, cout: int, stride: int, *, dtype,
+  def __init__(self, cin: int, cout: int, stride: int, *, dtype: jnp.dtype,
                rngs: nnx.Rngs):
-    kw = dict(bias=False, init=BODY_INIT, dtype=dtype, rngs=rngs)
+    kw = dict(bias=False, init=KAIMING_OUT, dtype=dtype, rngs=rngs)
     self.conv1 = conv(cin, cout, 3, stride, **kw)
     self.bn1 = BatchNorm(cout, dtype=dtype)
     self.conv2 = conv(cout, cout, 3, 1, **kw)
@@ -113,9 +117,9 @@ class BasicBlock(nnx.Module):
 class ResNet18(nnx.Module):
   """ResNet18 up to layer4; attribute names follow torchvision's."""
 
-  def __init__(self, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     self.dtype = dtype
-    self.conv1 = conv(3, 64, 7, 2, bias=False, init=BODY_INIT, dtype=dtype,
+    self.conv1 = conv(3, 64, 7, 2, bias=False, init=KAIMING_OUT, dtype=dtype,
                       rngs=rngs)
     self.bn1 = BatchNorm(64, dtype=dtype)
     widths, cin = (64, 128, 256, 512), 64
@@ -152,10 +156,10 @@ class FPN(nnx.Module):
   """The reference's feature pyramid, built for the levels it must serve."""
 
   def __init__(self, levels: Sequence[int], channels: int, *, build_all: bool,
-               dtype, rngs: nnx.Rngs):
+               dtype: jnp.dtype, rngs: nnx.Rngs):
     built = set(ALL_LEVELS if build_all else levels)
     lowest = min(built)
-    kw = dict(bias=True, init=HEAD_INIT, dtype=dtype, rngs=rngs)
+    kw = dict(bias=True, init=KAIMING_IN, dtype=dtype, rngs=rngs)
     # P5 feeds P4 and P3 through the top-down path.
     self.p5_lateral = conv(512, channels, 1, **kw) if lowest <= 5 else None
     self.p6_conv = conv(512, channels, 3, 2, **kw) if built & {6, 7} else None
@@ -191,9 +195,9 @@ class Head(nnx.Module):
   """A subnet: `n_conv` x (3x3 conv + ReLU), then a zero-weight 3x3 conv."""
 
   def __init__(self, channels: int, outputs: int, n_conv: int,
-               final_bias: float, *, dtype, rngs: nnx.Rngs):
+               final_bias: float, *, dtype: jnp.dtype, rngs: nnx.Rngs):
     self.convs = nnx.List([
-        conv(channels, channels, 3, bias=True, init=HEAD_INIT, dtype=dtype,
+        conv(channels, channels, 3, bias=True, init=KAIMING_IN, dtype=dtype,
              rngs=rngs) for _ in range(n_conv)])
     self.out = conv(channels, outputs, 3, bias=True,
                     init=nnx.initializers.zeros, dtype=dtype, rngs=rngs,

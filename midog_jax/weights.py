@@ -36,7 +36,7 @@ def _body(module: nnx.Module) -> model_lib.ResNet18:
 
 
 def body_variables(module: nnx.Module) -> dict[str, nnx.Variable]:
-  """The body's variables by torchvision name, e.g. `layer1.0.bn1.running_var`."""
+  """The body's variables by torchvision name, e.g. `layer1.0.bn1.weight`."""
   out = {}
   for path, node in nnx.iter_graph(_body(module)):
     if isinstance(node, (nnx.Param, nnx.BatchStat)):
@@ -47,7 +47,12 @@ def body_variables(module: nnx.Module) -> dict[str, nnx.Variable]:
 
 def _expected_shapes() -> dict[str, tuple[int, ...]]:
   body = nnx.eval_shape(lambda: model_lib.ResNet18(rngs=nnx.Rngs(0)))
-  return {k: tuple(v.value.shape) for k, v in body_variables(body).items()}
+  return _shapes(body_variables(body))
+
+
+def _shapes(variables: Mapping[str, nnx.Variable]
+            ) -> dict[str, tuple[int, ...]]:
+  return {k: tuple(v.get_value().shape) for k, v in variables.items()}
 
 
 def _check(arrays: Mapping[str, np.ndarray],
@@ -103,9 +108,9 @@ def load_body_weights(module: nnx.Module, path: str) -> None:
   with np.load(path) as data:
     arrays = {k: data[k] for k in data.files}
   variables = body_variables(module)
-  _check(arrays, {k: tuple(v.value.shape) for k, v in variables.items()}, path)
+  _check(arrays, _shapes(variables), path)
   for name, var in variables.items():
-    var.value = jnp.asarray(arrays[name], var.value.dtype)
+    var.set_value(jnp.asarray(arrays[name], var.get_value().dtype))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,0 +1,104 @@
+"""Images per second of the RetinaNet train step and forward pass.
+
+    python benchmarks/model_step.py --patch 512 --batch 64 --dtype bfloat16
+
+Random images and 50 x 50 px boxes; AdamW; warm-up steps (compilation
+included) are not timed, then `--steps` timed iterations end with
+`block_until_ready`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+import optax
+
+from midog_jax import model as model_lib
+from midog_jax import steps
+
+
+def _fake_batch(batch: int, patch: int, boxes: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(batch, patch, patch, 3)).astype(np.float32)
+  centres = rng.uniform(25, patch - 25, (batch, boxes, 2))
+  gt = np.concatenate([centres - 25, centres + 25], -1).astype(np.float32)
+  valid = rng.uniform(size=(batch, boxes)) < 0.5
+  return images, gt, valid
+
+
+def _time(fn, warmup: int, iters: int) -> float:
+  """Seconds per call of `fn` after `warmup` calls."""
+  out = None
+  for _ in range(warmup):
+    out = fn()
+  jax.block_until_ready(out)
+  start = time.perf_counter()
+  for _ in range(iters):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / iters
+
+
+def main(argv=None) -> dict[str, float]:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--patch", type=int, default=512)
+  parser.add_argument("--batch", type=int, default=64, help="global batch")
+  parser.add_argument("--dtype", default="bfloat16",
+                      choices=["float32", "bfloat16"])
+  parser.add_argument("--devices", type=int, default=1)
+  parser.add_argument("--levels", type=int, nargs="+", default=[4])
+  parser.add_argument("--boxes", type=int, default=16,
+                      help="padded ground-truth boxes per image")
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--mode", choices=["both", "train", "forward"],
+                      default="both")
+  args = parser.parse_args(argv)
+
+  devices = jax.devices()[:args.devices]
+  if len(devices) < args.devices or args.batch % args.devices:
+    parser.error(f"need {args.devices} devices dividing the batch; have "
+                 f"{len(jax.devices())}")
+  mesh = steps.make_mesh(devices)
+  config = model_lib.RetinaNetConfig(levels=tuple(args.levels),
+                                     dtype=args.dtype)
+  model = model_lib.build_model(config)
+  images, gt, valid = steps.shard_batch(
+      _fake_batch(args.batch, args.patch, args.boxes), mesh)
+  print(f"device: {devices[0].device_kind} x {len(devices)}, patch "
+        f"{args.patch}, batch {args.batch}, {args.dtype}, levels "
+        f"{config.levels}")
+
+  results = {}
+  if args.mode in ("both", "train"):
+    tx = optax.adamw(1e-4, b1=0.9, b2=0.99, weight_decay=0.01)
+    graphdef, state = steps.init_train_state(model, tx)
+    holder = [steps.replicate(state, mesh)]
+    train_step = steps.make_train_step(graphdef, tx, mesh=mesh)
+
+    def train():
+      holder[0], metrics = train_step(holder[0], images, gt, valid)
+      return metrics
+
+    seconds = _time(train, args.warmup, args.steps)
+    results["train"] = args.batch / seconds
+    print(f"train:   {results['train']:.1f} img/s "
+          f"({seconds * 1e3:.1f} ms/step)")
+
+  if args.mode in ("both", "forward"):
+    graphdef, params, stats = steps.split_model(model)
+    params, stats = steps.replicate((params, stats), mesh)
+    forward = steps.make_forward(graphdef, mesh=mesh)
+    seconds = _time(lambda: forward(params, stats, images), args.warmup,
+                    args.steps)
+    results["forward"] = args.batch / seconds
+    print(f"forward: {results['forward']:.1f} img/s "
+          f"({seconds * 1e3:.1f} ms/batch)")
+  return results
+
+
+if __name__ == "__main__":
+  main()
