@@ -1,0 +1,268 @@
+"""Host-side input work: crop windows out of decoded ROIs, nothing else.
+
+For a patch with top-left (x0, y0) the host yields the C x C window with
+top-left (x0 - m, y0 - m), m = (C - P) / 2 (`augment.margin`), so the patch
+sits in its centre and rotation on the device sees real tissue. Where the
+window leaves the image it is filled by half-sample symmetric reflection,
+the convention `augment` uses beyond the crop. Objects are listed when their
+centre lies in the window, hard negatives included, padded to a fixed count;
+more objects than slots is an error, never a silent drop.
+
+Decoded ROIs live in an LRU `RoiCache` under a byte budget; budget 0 streams
+(every patch decodes its ROI again). This module imports neither TensorFlow
+nor TFDS.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from midog_jax import sampling
+
+
+def _margin(patch_size: int, crop_size: int) -> int:
+  extra = crop_size - patch_size
+  if extra < 0 or extra % 2:
+    raise ValueError(
+        f"crop side {crop_size} does not centre a {patch_size} px patch")
+  return extra // 2
+
+
+def _reflect(start: int, length: int, n: int) -> np.ndarray | slice:
+  """Indices [start, start + length) reflected into [0, n); a slice inside."""
+  if start >= 0 and start + length <= n:
+    return slice(start, start + length)
+  i = np.mod(np.arange(start, start + length), 2 * n)
+  return np.where(i < n, i, 2 * n - 1 - i)
+
+
+def crop(image: np.ndarray, x0: int, y0: int, patch_size: int,
+         crop_size: int, out: np.ndarray | None = None) -> np.ndarray:
+  """The crop_size window centred on the patch with top-left (x0, y0).
+
+  Args:
+    image: uint8 [H, W, 3].
+    x0, y0: patch top-left in image pixels.
+    patch_size: patch side P.
+    crop_size: window side C >= P, C - P even.
+    out: optional [C, C, 3] buffer to write into (e.g. a batch slot).
+
+  Returns:
+    uint8 [C, C, 3]; pixels outside the image are reflected (half-sample
+    symmetric), so images smaller than the window are padded too.
+  """
+  m = _margin(patch_size, crop_size)
+  h, w = image.shape[:2]
+  rows = _reflect(int(y0) - m, crop_size, h)
+  cols = _reflect(int(x0) - m, crop_size, w)
+  if isinstance(rows, slice) and isinstance(cols, slice):
+    window = image[rows, cols]
+  else:
+    # Two 1-D gathers; np.ix_ would build the same [C, C] index grid.
+    window = image[rows][:, cols]
+  if out is None:
+    return np.array(window, copy=True)
+  out[...] = window
+  return out
+
+
+def objects_in_crop(
+    centers: np.ndarray, labels: np.ndarray, x0: int, y0: int,
+    patch_size: int, crop_size: int, max_objects: int,
+    case_id: int | str | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Objects whose centre lies in the window, in crop pixels, padded.
+
+  Args:
+    centers: [M, 2] (x, y) in image pixels.
+    labels: [M], 1 mitotic, 2 non-mitotic; both are kept.
+    x0, y0: patch top-left in image pixels.
+    patch_size, crop_size: as for `crop`.
+    max_objects: slots N.
+    case_id: named in the overflow error.
+
+  Returns:
+    centers float32 [N, 2] in crop pixels, labels int32 [N] (0 in empty
+    slots), valid bool [N]. Objects keep their input order.
+
+  Raises:
+    ValueError: more than `max_objects` objects fall in the window.
+  """
+  m = _margin(patch_size, crop_size)
+  origin = np.array([int(x0) - m, int(y0) - m], np.float32)
+  local = np.asarray(centers, np.float32).reshape(-1, 2) - origin
+  inside = np.all((local >= 0) & (local < crop_size), axis=1)
+  count = int(inside.sum())
+  if count > max_objects:
+    raise ValueError(
+        f"case {case_id}: {count} objects in the {crop_size} px window at "
+        f"patch ({x0}, {y0}), more than max_objects={max_objects}; raise "
+        "max_objects (see max_objects_in_window)")
+  out_centers = np.zeros((max_objects, 2), np.float32)
+  out_labels = np.zeros((max_objects,), np.int32)
+  valid = np.zeros((max_objects,), bool)
+  out_centers[:count] = local[inside]
+  out_labels[:count] = np.asarray(labels).reshape(-1)[inside]
+  valid[:count] = True
+  return out_centers, out_labels, valid
+
+
+def _max_in_window(points: np.ndarray, window: float) -> int:
+  """Most points in any half-open square [a, a + w) x [b, b + w)."""
+  if len(points) == 0:
+    return 0
+  xs = points[:, 0]
+  best = 0
+  # An optimal square can be slid right/down until its left/top edge meets
+  # a point without losing any, so left edges at the points' x suffice.
+  for left in np.unique(xs):
+    ys = np.sort(points[(xs >= left) & (xs < left + window), 1])
+    if len(ys) <= best:
+      continue
+    # Points in [ys[i], ys[i] + w) for each candidate top edge ys[i].
+    ends = np.searchsorted(ys, ys + window, side="left")
+    best = max(best, int((ends - np.arange(len(ys))).max()))
+  return best
+
+
+def max_objects_in_window(cases: Sequence[sampling.SampledCase],
+                          window: int) -> int:
+  """The most objects (both labels) any window of side `window` can hold.
+
+  Windows may sit anywhere, also partly outside the image, so this bounds
+  what `objects_in_crop` can meet with crop_size = `window`.
+  """
+  return max((_max_in_window(c.centers, float(window)) for c in cases),
+             default=0)
+
+
+class RoiCache:
+  """Decoded ROIs in host RAM under a byte budget, least recently used out.
+
+  `loader(case_id)` decodes one ROI (uint8 [H, W, 3]). An ROI larger than
+  the whole budget is returned without being kept, so budget 0 streams.
+  Kept ROIs are marked read-only. Safe to share between threads; two
+  threads missing on the same case may both decode it.
+  """
+
+  def __init__(self, loader: Callable[[int], np.ndarray], budget_bytes: int):
+    if budget_bytes < 0:
+      raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+    self._loader = loader
+    self.budget_bytes = int(budget_bytes)
+    self._images: collections.OrderedDict[int, np.ndarray] = (
+        collections.OrderedDict())
+    self._nbytes = 0
+    self._lock = threading.Lock()
+    self.hits = 0
+    self.loads = 0
+    self.evictions = 0
+
+  @property
+  def nbytes(self) -> int:
+    return self._nbytes
+
+  def __len__(self) -> int:
+    return len(self._images)
+
+  def __contains__(self, case_id: int) -> bool:
+    return case_id in self._images
+
+  def get(self, case_id: int) -> np.ndarray:
+    with self._lock:
+      image = self._images.get(case_id)
+      if image is not None:
+        self._images.move_to_end(case_id)
+        self.hits += 1
+        return image
+    # Decode outside the lock so other threads keep hitting the cache.
+    image = np.asarray(self._loader(case_id))
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+      raise ValueError(f"case {case_id}: loader returned {image.dtype} "
+                       f"{image.shape}, expected uint8 [H, W, 3]")
+    with self._lock:
+      self.loads += 1
+      if image.nbytes > self.budget_bytes or case_id in self._images:
+        return image
+      image.setflags(write=False)  # Kept and shared: keep it intact.
+      while self._nbytes + image.nbytes > self.budget_bytes:
+        _, old = self._images.popitem(last=False)
+        self._nbytes -= old.nbytes
+        self.evictions += 1
+      self._images[case_id] = image
+      self._nbytes += image.nbytes
+    return image
+
+  def clear(self) -> None:
+    with self._lock:
+      self._images.clear()
+      self._nbytes = 0
+
+
+def fill(plan: sampling.Plan, cache: RoiCache, crop_size: int,
+         max_objects: int) -> dict[str, np.ndarray]:
+  """Crops and objects of every patch of `plan`, fetching each ROI once.
+
+  Patches are filled case by case, so a streaming cache (budget 0) decodes
+  each case once per call however its patches are spread over the plan.
+
+  Returns:
+    {"crops": uint8 [K, C, C, 3], "centers": float32 [K, N, 2] (x, y) in
+    crop pixels, "labels": int32 [K, N], "valid": bool [K, N],
+    "case_id": int64 [K]}.
+  """
+  k, p = len(plan), plan.patch_size
+  out = {
+      "crops": np.empty((k, crop_size, crop_size, 3), np.uint8),
+      "centers": np.empty((k, max_objects, 2), np.float32),
+      "labels": np.empty((k, max_objects), np.int32),
+      "valid": np.empty((k, max_objects), bool),
+      "case_id": plan.case_ids(),
+  }
+  for index in np.unique(plan.case_index):
+    case = plan.cases[index]
+    image = cache.get(case.case_id)
+    for j in np.flatnonzero(plan.case_index == index):
+      x0, y0 = int(plan.x0[j]), int(plan.y0[j])
+      crop(image, x0, y0, p, crop_size, out=out["crops"][j])
+      (out["centers"][j], out["labels"][j], out["valid"][j]) = objects_in_crop(
+          case.centers, case.labels, x0, y0, p, crop_size, max_objects,
+          case_id=case.case_id)
+  return out
+
+
+def batches(plan: sampling.Plan, cache: RoiCache, batch_size: int,
+            crop_size: int, max_objects: int, start: int = 0,
+            drop_remainder: bool = True, window: int = 1
+            ) -> Iterator[dict[str, np.ndarray]]:
+  """Host batches of `plan`, in plan order, from batch index `start` on.
+
+  Args:
+    plan: an epoch plan (or one host's shard of it).
+    cache: where the ROIs come from, keyed by `SampledCase.case_id`.
+    batch_size: patches per yielded batch.
+    crop_size: window side C (`augment.crop_size(plan.patch_size)`).
+    max_objects: object slots N per patch.
+    start: first batch to yield; earlier ones are skipped without decoding,
+      so a resumed run picks up exactly where it stopped.
+    drop_remainder: drop a last, smaller batch.
+    window: batches prepared together, each ROI fetched once per window;
+      with a streaming cache this trades host RAM for fewer decodes.
+
+  Yields:
+    dicts as `fill` returns them, of `batch_size` patches.
+  """
+  if batch_size < 1 or window < 1:
+    raise ValueError(f"batch_size {batch_size} and window {window} must be positive")
+  n = len(plan)
+  stop = n - n % batch_size if drop_remainder else n
+  span = batch_size * window
+  for lo in range(start * batch_size, stop, span):
+    filled = fill(plan.take(np.arange(lo, min(lo + span, stop))), cache, crop_size,
+                  max_objects)
+    for b in range(0, len(filled["case_id"]), batch_size):
+      yield {key: v[b:b + batch_size] for key, v in filled.items()}
