@@ -1,0 +1,129 @@
+"""Scores MIDOG-format prediction files against the MIDOG++ annotations.
+
+  python -m midog_jax.eval score --annotations MIDOG++.json \
+      --splits datasets_xvalidation.csv --predictions test.json \
+      [--split test|train] [--threshold T | --choose-threshold-on val.json] [--json]
+
+The metrics themselves live in `midog_jax.metrics`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from midog_jax import annotations as annotations_lib
+from midog_jax import metrics
+from midog_jax import predictions as predictions_lib
+
+DEFAULT_THRESHOLD = 0.5  # The reference scorer's default.
+
+
+def scored_cases(cases: Sequence[annotations_lib.Case],
+                 dets: dict[str, predictions_lib.Detections]) -> list[metrics.ScoredCase]:
+  """Pairs cases with their detections (px); a case without any counts as empty."""
+  missing = [c.file_name for c in cases if c.file_name not in dets]
+  if missing:
+    # The reference scorer skips such cases; counting them as empty is stricter.
+    logging.warning("No predictions for %d case(s), scored as empty: %s",
+                    len(missing), ", ".join(missing[:5]))
+  out = []
+  for c in cases:
+    d = dets.get(c.file_name, predictions_lib.Detections(np.zeros((0, 2)), np.zeros(0)))
+    gt = np.asarray([(o.x, o.y) for o in c.mitotic_figures], np.float64).reshape(-1, 2)
+    out.append(metrics.ScoredCase(gt, d.xy, d.scores, c.um_per_px))
+  return out
+
+
+def score(cases: Sequence[annotations_lib.Case],
+          dets: dict[str, predictions_lib.Detections],
+          threshold: float) -> dict:
+  """The `score --json` report for `cases`."""
+  return metrics.summarize(scored_cases(cases, dets), [c.tumor for c in cases],
+                           threshold, [c.file_name for c in cases])
+
+
+def _fmt(v: float) -> str:
+  return "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def format_table(report: dict) -> str:
+  """A readable table of the per-tumour and overall metrics."""
+  rows = list(report["tumor_types"].items()) + [("overall", report["overall"])]
+  width = max(len(name) for name, _ in rows)
+  head = f"{'tumour type':<{width}}  {'TP':>6} {'FP':>6} {'FN':>6}  prec   rec    F1     AP"
+  lines = [f"threshold {report['threshold']:.2f}", head, "-" * len(head)]
+  for name, m in rows:
+    lines.append(f"{name:<{width}}  {m['tp']:>6} {m['fp']:>6} {m['fn']:>6}  "
+                 f"{_fmt(m['precision'])}  {_fmt(m['recall'])}  {_fmt(m['f1'])}  {_fmt(m['ap'])}")
+  return "\n".join(lines)
+
+
+def _json_safe(obj):
+  """NaN (AP without ground truth) -> null, so the output is strict JSON."""
+  if isinstance(obj, dict):
+    return {k: _json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, float) and math.isnan(obj):
+    return None
+  return obj
+
+
+def _run_score(args: argparse.Namespace) -> int:
+  try:
+    all_cases = annotations_lib.load_cases(args.annotations, args.splits)
+    um = {c.file_name: c.um_per_px for c in all_cases}
+    dets = predictions_lib.read_predictions(args.predictions, um)
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    if args.choose_threshold_on:
+      val = predictions_lib.read_predictions(args.choose_threshold_on, um)
+      val_cases = [c for c in all_cases if c.file_name in val]
+      if not val_cases:
+        raise predictions_lib.PredictionError(
+            f"{args.choose_threshold_on}: no image of the annotations in it")
+      threshold, _ = metrics.choose_threshold(scored_cases(val_cases, val))
+  except (annotations_lib.AnnotationError, predictions_lib.PredictionError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  cases = [c for c in all_cases if c.split == args.split]
+  report = score(cases, dets, threshold)
+  if args.json:
+    print(json.dumps(_json_safe(report), indent=1))
+  else:
+    print(format_table(report))
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m midog_jax.eval", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("score", help="score a MIDOG-format prediction file")
+  p.add_argument("--annotations", required=True, help="MIDOG++.json")
+  p.add_argument("--splits", required=True, help="datasets_xvalidation.csv")
+  p.add_argument("--predictions", required=True, help="prediction JSON to score")
+  p.add_argument("--split", choices=annotations_lib.SPLITS, default="test",
+                 help="cases to score (default: test)")
+  t = p.add_mutually_exclusive_group()
+  t.add_argument("--threshold", type=float,
+                 help=f"score threshold, strict (default {DEFAULT_THRESHOLD})")
+  t.add_argument("--choose-threshold-on", metavar="V",
+                 help="prediction JSON of validation cases; the threshold with the "
+                      "best pooled F1 on them (0.50 ... 0.99) is applied")
+  p.add_argument("--json", action="store_true", help="print the report as JSON")
+  p.set_defaults(func=_run_score)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  return args.func(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

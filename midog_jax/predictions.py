@@ -1,0 +1,130 @@
+"""MIDOG challenge prediction files: `{file_name: {"points": [...]}}` in mm.
+
+Each point is `{"name": "mitotic figure", "point": [x_mm, y_mm, 0],
+"probability": p}`, with mm = px * µm/px / 1000 at the case's resolution.
+As the challenge's scorer, a point without "name" counts as a mitotic figure
+and one without "probability" gets 0.5; points with another name are left out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+
+MITOTIC_FIGURE = "mitotic figure"
+DEFAULT_PROBABILITY = 0.5  # The reference scorer's value for a missing probability.
+
+
+class PredictionError(ValueError):
+  """Malformed prediction file; the message names the file and the record."""
+
+
+class Detections(NamedTuple):
+  """Detections of one image: xy [D, 2] (px or mm) and scores [D]."""
+  xy: np.ndarray
+  scores: np.ndarray
+
+
+def px_to_mm(xy_px: np.ndarray, um_per_px: float) -> np.ndarray:
+  return np.asarray(xy_px, np.float64) * (um_per_px / 1000.0)
+
+
+def mm_to_px(xy_mm: np.ndarray, um_per_px: float) -> np.ndarray:
+  return np.asarray(xy_mm, np.float64) * (1000.0 / um_per_px)
+
+
+def _number(v: Any, where: str, what: str) -> float:
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    raise PredictionError(f"{where}: {what} {v!r} is not a finite number")
+  return float(v)
+
+
+def _parse_image(entry: Any, where: str) -> Detections:
+  if not isinstance(entry, dict) or "points" not in entry:
+    raise PredictionError(f"{where}: expected an object with a 'points' list")
+  points = entry["points"]
+  if not isinstance(points, list):
+    raise PredictionError(f"{where}: 'points' is {type(points).__name__}, not a list")
+  xy, scores = [], []
+  for i, p in enumerate(points):
+    w = f"{where}, points[{i}]"
+    if not isinstance(p, dict) or "point" not in p:
+      raise PredictionError(f"{w}: expected an object with a 'point' [x_mm, y_mm, z]")
+    if p.get("name", MITOTIC_FIGURE) != MITOTIC_FIGURE:
+      continue
+    c = p["point"]
+    if not isinstance(c, (list, tuple)) or len(c) not in (2, 3):
+      raise PredictionError(f"{w}: 'point' {c!r} is not [x_mm, y_mm, z]")
+    xy.append((_number(c[0], w, "x"), _number(c[1], w, "y")))
+    scores.append(_number(p.get("probability", DEFAULT_PROBABILITY), w, "probability"))
+  return Detections(np.asarray(xy, np.float64).reshape(-1, 2),
+                    np.asarray(scores, np.float64))
+
+
+def read_predictions(
+    path: str | os.PathLike[str],
+    um_per_px_by_file: Mapping[str, float] | None = None,
+) -> dict[str, Detections]:
+  """Reads a prediction file.
+
+  Args:
+    path: the JSON file.
+    um_per_px_by_file: {file name: µm/px}. With it, coordinates come back in
+      pixels and images it does not know are left out with a warning (as the
+      challenge's scorer does); without it, coordinates stay in mm.
+  """
+  path = os.fspath(path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except FileNotFoundError:
+    raise PredictionError(f"{path}: prediction file not found") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise PredictionError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(data, dict):
+    raise PredictionError(
+        f"{path}: expected a JSON object {{file_name: {{\"points\": [...]}}}}, "
+        f"got {type(data).__name__}")
+  out, unknown = {}, []
+  for name, entry in data.items():
+    det = _parse_image(entry, f"{path}, {name!r}")
+    if um_per_px_by_file is None:
+      out[name] = det
+    elif name in um_per_px_by_file:
+      out[name] = Detections(mm_to_px(det.xy, um_per_px_by_file[name]), det.scores)
+    else:
+      unknown.append(name)
+  if unknown:
+    logging.warning("%s: left out predictions for %d image(s) not in the annotations: %s",
+                    path, len(unknown), ", ".join(unknown[:5]))
+  return out
+
+
+def write_predictions(
+    path: str | os.PathLike[str],
+    detections: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    um_per_px_by_file: Mapping[str, float],
+) -> None:
+  """Writes {file name: (xy_px [D, 2], scores [D])} as a MIDOG prediction file."""
+  out = {}
+  for name, (xy, scores) in detections.items():
+    if name not in um_per_px_by_file:
+      raise PredictionError(f"{os.fspath(path)}: no µm/px given for {name!r}")
+    xy = np.asarray(xy, np.float64).reshape(-1, 2)
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    if len(xy) != len(scores):
+      raise PredictionError(
+          f"{os.fspath(path)}, {name!r}: {len(xy)} points but {len(scores)} scores")
+    mm = px_to_mm(xy, um_per_px_by_file[name])
+    out[name] = {"points": [
+        {"name": MITOTIC_FIGURE, "point": [float(x), float(y), 0],
+         "probability": float(s)} for (x, y), s in zip(mm, scores)]}
+  tmp = os.fspath(path) + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(out, f)
+  os.replace(tmp, path)
