@@ -38,8 +38,12 @@ class CaseInfo:
   tissue_fraction: float
 
   @property
-  def num_mitotic(self) -> int:
-    return int((self.labels == annotations.MITOTIC_FIGURE).sum())
+  def id(self) -> int:  # Same names as `annotations.Case`, for `folds`.
+    return self.case_id
+
+  @property
+  def mitotic_figures(self) -> np.ndarray:
+    return self.centers[self.labels == annotations.MITOTIC_FIGURE]
 
 
 def _tf():

@@ -1,0 +1,81 @@
+"""Cross-validation folds as the MIDOG++ reference code draws them.
+
+The reference (`training.py` of the MIDOG++ repository) takes the train-split
+cases of the experiment's tumour types in slide-id order, bins their
+mitotic-figure counts into tertiles with `pandas.qcut(counts, 3,
+labels=False)` and splits with `StratifiedKFold(5, shuffle=True,
+random_state=42)`. This module does the same, so fold k here is fold k there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedKFold
+
+from midog_jax import annotations as ann_lib
+from midog_jax import domains
+
+N_FOLDS = 5
+N_BINS = 3
+SEED = 42
+
+Fold = tuple[list[str], list[str]]  # (train file names, valid file names)
+
+
+def fold_cases(cases: Sequence[ann_lib.Case],
+               tumor_types: str | Sequence[str]) -> list[ann_lib.Case]:
+  """The train-split cases of `tumor_types` (any spelling), by slide id."""
+  slugs = set(domains.parse_tumor_types(tumor_types))
+  chosen = [c for c in cases if c.split == "train" and c.tumor in slugs]
+  return sorted(chosen, key=lambda c: c.id)
+
+
+def count_bins(counts: Sequence[int]) -> np.ndarray:
+  """Tertile bin (0, 1, 2) of each count, as `pandas.qcut(counts, 3)`.
+
+  The reference calls qcut with its default `duplicates='raise'`, which fails
+  when tied counts make two tertile edges equal (never on the MIDOG++ files,
+  whatever the tumour types). Rather than fail, such edges are merged
+  (`duplicates='drop'`), which leaves fewer than three bins.
+  """
+  series = pd.Series(list(counts), dtype=np.int64)
+  try:
+    bins = pd.qcut(series, N_BINS, labels=False)
+  except ValueError:
+    logging.warning("Tied mitotic-figure counts give duplicate tertile "
+                    "edges; merging them (pandas duplicates='drop').")
+    bins = pd.qcut(series, N_BINS, labels=False, duplicates="drop")
+  return np.asarray(bins, dtype=np.int64)
+
+
+def folds(cases: Sequence[ann_lib.Case],
+          tumor_types: str | Sequence[str] = "all") -> list[Fold]:
+  """The 5 (train file names, valid file names) splits of an experiment.
+
+  Args:
+    cases: all cases, e.g. from `annotations.load_cases`; test-split cases
+      and other tumour types are left out here.
+    tumor_types: `"all"`, comma-separated names, or a sequence of names.
+  """
+  chosen = fold_cases(cases, tumor_types)
+  if len(chosen) < N_FOLDS:
+    raise ValueError(
+        f"{len(chosen)} train case(s) of tumour types {tumor_types!r}; "
+        f"{N_FOLDS}-fold cross-validation needs at least {N_FOLDS}")
+  bins = count_bins([len(c.mitotic_figures) for c in chosen])
+  names = [c.file_name for c in chosen]
+  skf = StratifiedKFold(n_splits=N_FOLDS, shuffle=True, random_state=SEED)
+  return [([names[i] for i in train], [names[i] for i in valid])
+          for train, valid in skf.split(np.zeros(len(names)), bins)]
+
+
+def fold(cases: Sequence[ann_lib.Case], tumor_types: str | Sequence[str],
+         k: int) -> Fold:
+  """Fold `k` (0-4) of `folds(cases, tumor_types)`."""
+  if not 0 <= k < N_FOLDS:
+    raise ValueError(f"fold must be in 0..{N_FOLDS - 1}, got {k}")
+  return folds(cases, tumor_types)[k]

@@ -1,0 +1,151 @@
+"""AdamW with fastai v1's one-cycle learning-rate and β1 schedules.
+
+The reference trains with fastai v1's `fit_one_cycle` (`OneCycleScheduler`):
+`n` steps are split into `a1 = int(n * pct_start)` warm-up steps and `n - a1`
+annealing steps, both cosine (`annealing_cos`). The learning rate goes from
+max / div_factor to max, then to max / final_div (fastai: final_div =
+div_factor * 1e4, so max / 250,000); β1 goes 0.95 -> 0.85 -> 0.95 over the
+same phases. Step 0 uses the start values; the value after step k is the
+phase's annealing at k / (phase length), as fastai's `Stepper` computes it.
+
+fastai's `true_wd` decay is `p <- p * (1 - lr * wd)` next to an Adam step
+with β = (β1, 0.99), eps 1e-8, on every parameter including BatchNorm's
+(`bn_wd=True`); `optax.adamw` with the scheduled rate does exactly this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+BODY, HEAD = "body", "head"  # Parameter groups of the discriminative rate.
+
+
+def _one_cycle(start: float, peak: float, end: float, total_steps: int,
+               pct_start: float) -> optax.Schedule:
+  """start -> peak -> end by two cosine phases over `total_steps`."""
+  if total_steps < 1:
+    raise ValueError(f"total_steps must be positive, got {total_steps}")
+  if not 0.0 <= pct_start <= 1.0:
+    raise ValueError(f"pct_start must be in [0, 1], got {pct_start}")
+  a1 = int(total_steps * pct_start)
+  # fastai's Stepper runs every phase for at least one step.
+  n1, n2 = max(1, a1), max(1, total_steps - a1)
+
+  def cos(a: float, b: float, pct: jax.Array) -> jax.Array:
+    # fastai's `b + (a - b) / 2 * (cos(pi * pct) + 1)`. The weight of `a`,
+    # (cos(pi * pct) + 1) / 2, is written so that float32 keeps it accurate
+    # near both ends (where the end value may be 1e-5 of the start).
+    w = jnp.where(pct <= 0.5, jnp.cos(jnp.pi / 2 * pct) ** 2,
+                  jnp.sin(jnp.pi / 2 * (1 - pct)) ** 2)
+    return a * w + b * (1 - w)
+
+  def schedule(count: jax.Array | int) -> jax.Array:
+    k = jnp.asarray(count, jnp.float32)
+    up = cos(start, peak, jnp.clip(k / n1, 0.0, 1.0))
+    down = cos(peak, end, jnp.clip((k - n1) / n2, 0.0, 1.0))
+    return jnp.where(k <= n1, up, down)
+
+  return schedule
+
+
+def one_cycle(max_lr: float, total_steps: int, pct_start: float = 0.3,
+              div_factor: float = 25.0, final_div: float | None = None
+              ) -> optax.Schedule:
+  """fastai v1's one-cycle learning rate: max/div -> max -> max/final_div.
+
+  `final_div` defaults to fastai's `div_factor * 1e4` (250,000 for 25).
+  """
+  final_div = div_factor * 1e4 if final_div is None else final_div
+  return _one_cycle(max_lr / div_factor, max_lr, max_lr / final_div,
+                    total_steps, pct_start)
+
+
+def one_cycle_b1(total_steps: int, pct_start: float = 0.3,
+                 moms: tuple[float, float] = (0.95, 0.85)) -> optax.Schedule:
+  """fastai v1's one-cycle momentum (Adam's β1): moms[0] -> moms[1] -> moms[0]."""
+  return _one_cycle(moms[0], moms[1], moms[0], total_steps, pct_start)
+
+
+def _first_key(path: tuple[Any, ...]) -> str:
+  entry = path[0]
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def param_groups(params: Any, body_key: str = "body") -> Any:
+  """A pytree like `params` with BODY under `body_key` and HEAD elsewhere.
+
+  With `nnx.split(model, nnx.Param, ...)` the body is `model.body` and the
+  rest (FPN, classifier, box regressor) is the head group.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: BODY if path and _first_key(path) == body_key else HEAD,
+      params)
+
+
+def make_optimizer(
+    total_steps: int,
+    max_lr: float = 5e-5,
+    *,
+    weight_decay: float = 0.01,
+    b2: float = 0.99,
+    eps: float = 1e-8,
+    pct_start: float = 0.3,
+    div_factor: float = 25.0,
+    final_div: float | None = None,
+    moms: tuple[float, float] = (0.95, 0.85),
+    discriminative: tuple[float, float] | None = None,
+    groups: Callable[[Any], Any] = param_groups,
+) -> optax.GradientTransformation:
+  """AdamW on fastai v1's one-cycle schedules, as the reference trains.
+
+  Args:
+    total_steps: optimiser steps of the whole run (epochs x batches).
+    max_lr: peak learning rate of the whole net (reference code: 5e-5).
+    weight_decay: decoupled decay; each step multiplies parameters by
+      (1 - lr * weight_decay).
+    b2, eps: Adam's β2 and epsilon (fastai: 0.99, PyTorch's 1e-8).
+    pct_start, div_factor, final_div, moms: the one-cycle shape, see
+      `one_cycle` and `one_cycle_b1`.
+    discriminative: (body peak, head peak) learning rates instead of
+      `max_lr`, like fastai's `max_lr=slice(body, head)` over two layer
+      groups (paper: (5e-5, 5e-4)); both follow the same one-cycle shape.
+    groups: params -> pytree of BODY/HEAD labels, for `discriminative`.
+
+  Hyperparameters are injected, so the state records the current learning
+  rate(s) and β1 (`optax.inject_hyperparams`).
+  """
+  b1 = one_cycle_b1(total_steps, pct_start, moms)
+
+  def adamw(peak: float) -> optax.GradientTransformation:
+    lr = one_cycle(peak, total_steps, pct_start, div_factor, final_div)
+    return optax.inject_hyperparams(optax.adamw)(
+        learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+  if discriminative is None:
+    return adamw(max_lr)
+  body_lr, head_lr = discriminative
+  return optax.multi_transform({BODY: adamw(body_lr), HEAD: adamw(head_lr)},
+                               groups)
+
+
+def hyperparams(opt_state: Any) -> dict[str, Any]:
+  """{name: value} of the injected hyperparameters now, per group if split.
+
+  E.g. {"learning_rate": ..., "b1": ...} or {"body/learning_rate": ...}.
+  """
+  if hasattr(opt_state, "hyperparams"):
+    return dict(opt_state.hyperparams)
+  out = {}
+  for group, state in getattr(opt_state, "inner_states", {}).items():
+    inner = getattr(state, "inner_state", state)
+    for name, value in getattr(inner, "hyperparams", {}).items():
+      out[f"{group}/{name}"] = value
+  return out
