@@ -50,13 +50,15 @@ class PatchInput:
     prefetch: host batches prepared ahead in a background thread.
     window: batches cropped together, each ROI fetched once per window; with
       a small cache, a larger window means fewer decodes.
+    cache: share an existing ROI cache (then `load_roi`/`cache_bytes` unused).
   """
 
   def __init__(self, cases: Sequence, load_roi: Callable[[int], np.ndarray], *,
                patch_size: int, patches_per_epoch: int, global_batch_size: int,
                seed: int, guided_fraction: float = 0.5, cache_bytes: int = 8 << 30,
                max_objects: int | None = None, mesh: Mesh | None = None,
-               validation: bool = False, prefetch: int = 2, window: int = 1):
+               validation: bool = False, prefetch: int = 2, window: int = 1,
+               cache: patches.RoiCache | None = None):
     self.cases = sampled_cases(cases)
     self.patch_size, self.crop_size = patch_size, augment.crop_size(patch_size)
     self.patches_per_epoch, self.seed = patches_per_epoch, seed
@@ -71,7 +73,7 @@ class PatchInput:
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // n_proc
     self.max_objects = max_objects or patches.max_objects_in_window(self.cases, self.crop_size)
-    self.cache = patches.RoiCache(load_roi, cache_bytes)
+    self.cache = cache if cache is not None else patches.RoiCache(load_roi, cache_bytes)
     self._validation_plan = None
 
   def plan(self, epoch: int) -> sampling.Plan:

@@ -1,0 +1,69 @@
+"""The reference code's settings (the MIDOG++ paper's RetinaNet baseline).
+
+  python -m midog_jax.train --config configs/default.py --workdir W \
+      --config.data_dir=~/tensorflow_datasets --config.fold=0
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data dir.
+  # Experiment: the tumour types trained on ("all", or comma-separated, any
+  # spelling the registry knows) and the cross-validation fold (0-4).
+  config.experiment = "all_domains"
+  config.tumor_types = "all"
+  config.fold = 0
+  config.num_folds = 5
+  config.fold_seed = 42
+  config.seed = 0
+
+  # Sampling: the reference's patch counts per epoch.
+  config.patch_size = 512
+  config.batch_size = 12  # Global, over all devices and hosts.
+  config.train_patches_per_epoch = 1000
+  config.valid_patches_per_epoch = 250
+  config.guided_fraction = 0.5
+  config.num_epochs = 100  # Reference code: 100; the paper: 200.
+  config.cache_bytes = 48 << 30  # Decoded ROIs kept in host RAM.
+  config.stream_window = 8  # Batches cropped together (fewer decodes when streaming).
+  config.prefetch = 2
+
+  config.model = ml_collections.ConfigDict()
+  config.model.levels = (4,)  # Stride-16 level: `sizes=[32]` at 512 px.
+  config.model.num_classes = 2  # Column 1 is never positive, as the reference.
+  config.model.dtype = "float32"  # "bfloat16" on accelerators.
+  config.model.body_weights = ml_collections.FieldReference(None, field_type=str)  # ImageNet .npz.
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.focal = "reference"  # 0.75 positives / 0.25 negatives; or "standard".
+  config.loss.gamma = 2.0
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.max_lr = 5e-5
+  config.optim.weight_decay = 0.01
+  config.optim.b2 = 0.99
+  config.optim.pct_start = 0.3
+  # The paper's discriminative rate: (body, FPN and heads); None: max_lr for all.
+  config.optim.discriminative = ml_collections.FieldReference(None, field_type=tuple)
+
+  config.augment = ml_collections.ConfigDict()
+  config.augment.enabled = True
+  config.augment.max_warp = 0.2
+  config.augment.max_rotate = 10.0
+  config.augment.max_zoom = 2.0
+  config.augment.p_affine = 0.5
+  config.augment.brightness = (0.25, 0.75)
+  config.augment.contrast = (0.5, 2.0)
+  config.augment.p_lighting = 0.5
+
+  # Full-ROI validation for model selection (AP of mitotic figures).
+  config.eval = ml_collections.ConfigDict()
+  config.eval.every_epochs = 1
+  config.eval.score_threshold = 0.05  # Detections kept for AP.
+  config.eval.max_detections_per_window = 100
+  config.eval.batch_size = 16
+
+  config.log_every_steps = 10
+  return config

@@ -1,0 +1,271 @@
+"""The training loop: one (experiment, fold) run in a work directory.
+
+Data parallel with `jax.jit` over a one-axis mesh: parameters replicated,
+batches sharded on "data", so BatchNorm statistics and the loss are over the
+global batch. Augmentation runs on the device inside the jitted step. The
+batch and the augmentation key at step k depend only on (seed, k, cases), so
+a run interrupted (SIGTERM, Ctrl-C) and resumed ends as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from midog_jax import annotations
+from midog_jax import augment
+from midog_jax import checkpoints
+from midog_jax import losses
+from midog_jax import metric_writer
+from midog_jax import model as model_lib
+from midog_jax import normalization as normalization_lib
+from midog_jax import optim
+from midog_jax import steps
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or infinite."""
+
+
+def augment_config(config: ml_collections.ConfigDict, enabled: bool = True) -> augment.AugmentConfig:
+  a = config.augment
+  return augment.AugmentConfig(
+      enabled=enabled and a.enabled, max_warp=a.max_warp, max_rotate=a.max_rotate,
+      max_zoom=a.max_zoom, p_affine=a.p_affine, brightness=tuple(a.brightness),
+      contrast=tuple(a.contrast), p_lighting=a.p_lighting)
+
+
+def model_config(config: ml_collections.ConfigDict) -> model_lib.RetinaNetConfig:
+  m = config.model
+  return model_lib.RetinaNetConfig(levels=tuple(m.levels), num_classes=m.num_classes,
+                                   dtype=m.dtype, body_weights=m.body_weights)
+
+
+def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
+  return losses.LossConfig(gamma=config.loss.gamma, focal=config.loss.focal)
+
+
+def _targets(batch, patch_size, norm, aug, dtype, key):
+  """Device-side augmentation; only mitotic figures are training targets."""
+  mitotic = batch["valid"] & (batch["labels"] == annotations.MITOTIC_FIGURE)
+  return augment.augment_batch(
+      key, batch["crops"], batch["centers"], mitotic, patch_size=patch_size,
+      mean=jnp.asarray(norm.unit_mean), std=jnp.asarray(norm.unit_std), config=aug,
+      dtype=dtype)
+
+
+def make_train_step(graphdef, tx, config, norm, mesh) -> Callable:
+  """`step(state, batch, key) -> (state, metrics)`, jitted over the mesh."""
+  inner = steps.make_train_step(graphdef, tx, loss_config(config), mesh=None, donate=False)
+  aug, dtype = augment_config(config), jnp.dtype(config.model.dtype)
+
+  def step(state, batch, key):
+    images, boxes, valid = _targets(batch, config.patch_size, norm, aug, dtype, key)
+    return inner(state, images, boxes, valid)
+
+  rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P(steps.DATA_AXIS))
+  return jax.jit(step, in_shardings=(rep, dat, rep), out_shardings=(rep, rep),
+                 donate_argnums=(0,))
+
+
+def make_eval_loss(graphdef, config, norm, mesh) -> Callable:
+  """`eval_loss(state, batch) -> metrics`: eval-mode BatchNorm, no augmentation."""
+  aug, dtype = augment_config(config, enabled=False), jnp.dtype(config.model.dtype)
+  loss_cfg = loss_config(config)
+
+  def eval_loss(state, batch):
+    images, boxes, valid = _targets(batch, config.patch_size, norm, aug, dtype,
+                                    jax.random.key(0))
+    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    cls_logits, box_deltas = model(images, train=False)
+    hw = images.shape[1:3]
+    _, metrics = losses.retinanet_loss(cls_logits, box_deltas, model.anchors(hw), boxes,
+                                       valid, hw, loss_cfg)
+    return metrics
+
+  rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P(steps.DATA_AXIS))
+  return jax.jit(eval_loss, in_shardings=(rep, dat), out_shardings=rep)
+
+
+class _StopFlag:
+  """Set by SIGTERM / SIGINT; the loop saves and exits at the next step."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    for s in (signal.SIGTERM, signal.SIGINT):
+      self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for s, h in self._previous.items():
+      signal.signal(s, h)
+
+  def is_set(self) -> bool:
+    if jax.process_count() == 1:
+      return self.signum is not None
+    from jax.experimental import multihost_utils  # Every host stops together.
+    flags = multihost_utils.process_allgather(np.int32(self.signum is not None))
+    return bool(np.any(flags))
+
+
+def _mean(values: list[dict[str, jax.Array]]) -> dict[str, float]:
+  if not values:
+    return {}
+  stacked = jax.device_get(values)
+  return {k: float(np.mean([v[k] for v in stacked])) for k in stacked[0]}
+
+
+@dataclasses.dataclass
+class RunData:
+  """What a run trains and validates on (see `experiment_data`)."""
+  train: Any  # input_pipeline.PatchInput, training plans.
+  valid: Any  # input_pipeline.PatchInput, the fixed validation patches.
+  normalization: normalization_lib.Normalization
+  validation_ap: Callable[[Any, Any], float] | None  # (graphdef, state) -> AP.
+  meta: dict[str, Any]  # Case lists etc., written with the run.
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, data: RunData,
+          mesh=None) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the summary."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh or steps.make_mesh()
+  lead = jax.process_index() == 0
+  norm = data.normalization
+  if lead:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=1))
+    norm.save(os.path.join(workdir, "normalization.json"))
+    with open(os.path.join(workdir, "cases.json"), "w", encoding="utf-8") as f:
+      json.dump(data.meta, f, indent=1)
+
+  steps_per_epoch = data.train.steps_per_epoch
+  total_steps = steps_per_epoch * config.num_epochs
+  model = model_lib.build_model(model_config(config), seed=config.seed)
+  tx = optim.make_optimizer(
+      total_steps, max_lr=config.optim.max_lr, weight_decay=config.optim.weight_decay,
+      b2=config.optim.b2, pct_start=config.optim.pct_start,
+      discriminative=config.optim.discriminative)
+  graphdef, state = steps.init_train_state(model, tx)
+  state = steps.replicate(state, mesh)
+  del model
+
+  ckpt = checkpoints.RunCheckpoints(workdir)
+  restored = ckpt.restore(ckpt.latest, state)
+  step, best_ap, history = 0, None, {}
+  if restored is not None:
+    state, meta = restored
+    step, best_ap = int(meta["step"]), meta.get("best_ap")
+    logging.warning("Resuming %s at step %d of %d.", workdir, step, total_steps)
+  if step >= total_steps:
+    ckpt.close()
+    return _summary(workdir)
+
+  train_step = make_train_step(graphdef, tx, config, norm, mesh)
+  eval_loss = make_eval_loss(graphdef, config, norm, mesh)
+  writer = metric_writer.MetricWriter(workdir, enabled=lead)
+  base_key = jax.random.key(config.seed)
+  batches = data.train.batches(step)
+  pending: list[dict[str, jax.Array]] = []
+  epoch_losses: list[dict[str, jax.Array]] = []
+  status = "finished"
+  bar = tqdm(total=total_steps, initial=step, desc=os.path.basename(workdir.rstrip("/")),
+             unit="step", disable=not lead, dynamic_ncols=True)
+  t_epoch = time.perf_counter()
+  with _StopFlag() as stop:
+    while step < total_steps:
+      batch = next(batches)
+      key = jax.random.fold_in(base_key, step)
+      state, metrics = train_step(state, batch, key)
+      pending.append(metrics)
+      step += 1
+      bar.update(1)
+      epoch_end = step % steps_per_epoch == 0
+      if step % config.log_every_steps == 0 or epoch_end or step == total_steps:
+        m = _mean(pending)
+        epoch_losses.append(m)
+        pending = []
+        if not all(np.isfinite(v) for v in m.values()):
+          status = "diverged"
+          break
+        bar.set_postfix(loss=f"{m['loss']:.4f}")
+      if epoch_end or step == total_steps:
+        epoch = step // steps_per_epoch
+        record = {"epoch": epoch,
+                  "train_loss": float(np.mean([m["loss"] for m in epoch_losses])),
+                  "epoch_seconds": time.perf_counter() - t_epoch}
+        epoch_losses = []
+        val = _mean([eval_loss(state, b) for b in data.valid.batches(0, epochs=1)])
+        record["valid_loss"] = val.get("loss")
+        if data.validation_ap is not None and (
+            epoch % config.eval.every_epochs == 0 or step == total_steps):
+          record["valid_ap"] = float(data.validation_ap(graphdef, state))
+        improved = record.get("valid_ap") is not None and (
+            best_ap is None or record["valid_ap"] > best_ap)
+        if improved:
+          best_ap = record["valid_ap"]
+        meta = {"step": step, "epoch": epoch, "best_ap": best_ap, **record}
+        ckpt.save(ckpt.latest, step, state, meta)
+        if improved:
+          ckpt.save(ckpt.best, step, state, meta)
+        writer.write(step, record)
+        history = record
+        t_epoch = time.perf_counter()
+      if stop.is_set():
+        status = "interrupted"
+        ckpt.save(ckpt.latest, step, state, {"step": step, "best_ap": best_ap})
+        break
+  bar.close()
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  if status == "diverged":
+    raise TrainingDiverged(
+        f"{workdir}: the loss is not finite at step {step}; stopping. The last good "
+        "checkpoint is in checkpoints/latest. Lower optim.max_lr or check the data.")
+  if status == "interrupted":
+    logging.warning("Interrupted at step %d; run the same command again to resume.", step)
+    return {"status": "interrupted", "step": step}
+  return _summary(workdir, write=lead, last=history)
+
+
+def _summary(workdir: str, write: bool = False, last: dict | None = None) -> dict[str, Any]:
+  path = os.path.join(workdir, "summary.json")
+  if not write:
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        return json.load(f)
+    return {"status": "finished"}
+  history = metric_writer.read_metrics(workdir)
+  aps = [(r["valid_ap"], r["step"]) for r in history if r.get("valid_ap") is not None]
+  summary = {
+      "status": "finished",
+      "epochs": len(history),
+      "final": last or (history[-1] if history else {}),
+      "best_valid_ap": max(aps)[0] if aps else None,
+      "best_step": max(aps)[1] if aps else None,
+      "train_seconds": float(sum(r.get("epoch_seconds", 0) for r in history)),
+  }
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=1)
+  return summary
