@@ -60,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Full-ROI validation for model selection (AP of mitotic figures).
   config.eval = ml_collections.ConfigDict()
-  config.eval.every_epochs = 1
+  config.eval.every_epochs = 1  # 0: no AP (and no best checkpoint).
   config.eval.score_threshold = 0.05  # Detections kept for AP.
   config.eval.max_detections_per_window = 100
   config.eval.batch_size = 16

@@ -78,7 +78,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> traine
       max_objects=max_objects, validation=True, **common)
   return trainer.RunData(
       train=train_input, valid=valid_input, normalization=norm,
-      validation_ap=validation_ap_fn(config, valid_cases, cache, norm),
+      validation_ap=(validation_ap_fn(config, valid_cases, cache, norm)
+                     if config.eval.every_epochs > 0 else None),
       meta={"experiment": config.experiment, "fold": config.fold,
             "tumor_types": config.tumor_types,
             "train": [c.file_name for c in train_cases],

@@ -1,0 +1,130 @@
+"""Training: data parallelism, interruption and resume, divergence, learning."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from midog_jax import augment, model as model_lib, normalization, run_data, steps, trainer
+from tests.helpers import ROOT, env_without_accelerators
+from tests.train_fixtures import build_synthetic, tiny_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return build_synthetic(tmp_path_factory.mktemp("train_data"))
+
+
+def _params(workdir, which="latest"):
+  root = pathlib.Path(workdir) / "checkpoints" / which
+  step = max(int(p.name) for p in root.iterdir() if p.name.isdigit())
+  with ocp.CheckpointManager(root) as mngr:
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return step, jax.tree.map(np.asarray, out.state)
+
+
+def test_same_update_on_1_and_8_devices(data_dir):
+  config = tiny_config(data_dir)
+  data = run_data.build(config, mesh=steps.make_mesh(jax.devices()[:1]))
+  batch = next(data.train.host_batches(0))
+  results = []
+  for n in (1, 8):
+    mesh = steps.make_mesh(jax.devices()[:n])
+    model = model_lib.build_model(trainer.model_config(config), seed=0)
+    tx = optax.adamw(1e-3)
+    graphdef, state = steps.init_train_state(model, tx)
+    state = steps.replicate(state, mesh)
+    step = trainer.make_train_step(graphdef, tx, config, data.normalization, mesh)
+    state, metrics = step(state, steps.shard_batch(batch, mesh), jax.random.key(3))
+    results.append((jax.device_get(state.params), jax.device_get(state.batch_stats),
+                    float(metrics["loss"])))
+  (p1, s1, l1), (p8, s8, l8) = results
+  # Same math; only the order of float32 reductions differs across devices.
+  assert l1 == pytest.approx(l8, rel=1e-5)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _train_cmd(data_dir, workdir, epochs=3):
+  return [sys.executable, "-m", "midog_jax.train", "--config", str(ROOT / "configs" / "demo.py"),
+          "--workdir", str(workdir), f"--config.data_dir={data_dir}",
+          "--config.patch_size=64", "--config.train_patches_per_epoch=32",
+          "--config.valid_patches_per_epoch=8", f"--config.num_epochs={epochs}",
+          "--config.eval.every_epochs=0", "--config.prefetch=0"]
+
+
+def test_sigterm_then_resume_equals_uninterrupted(data_dir, tmp_path):
+  env = env_without_accelerators()
+  full, cut = tmp_path / "full", tmp_path / "cut"
+  done = subprocess.run(_train_cmd(data_dir, full), env=env, capture_output=True, text=True,
+                        timeout=600, cwd=ROOT)
+  assert done.returncode == 0, done.stderr[-3000:]
+  proc = subprocess.Popen(_train_cmd(data_dir, cut), env=env, cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  latest = cut / "checkpoints" / "latest"
+  deadline = time.time() + 300
+  while not (latest.exists() and any(p.name.isdigit() for p in latest.iterdir())):
+    assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "Interrupted" in err and "resume" in err
+  cut_step, _ = _params(cut)
+  total = json.loads((full / "summary.json").read_text())["final"]["epoch"] * 4
+  assert 0 < cut_step < total, "the run was not interrupted before its end"
+  resumed = subprocess.run(_train_cmd(data_dir, cut), env=env, capture_output=True, text=True,
+                           timeout=600, cwd=ROOT)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"at step {cut_step}" in resumed.stderr
+  step_a, a = _params(full)
+  step_b, b = _params(cut)
+  assert step_a == step_b == total
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)  # Bitwise: same programs, same inputs.
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+  config = tiny_config(data_dir, num_epochs=3)
+  data = run_data.build(config)
+  trainer.train(config, str(tmp_path), data)  # A good run to the end.
+  good_step, good = _params(tmp_path)
+  config.num_epochs = 6
+  # Zero std makes the inputs infinite: the loss cannot stay finite.
+  data.normalization = normalization.Normalization((128.0,) * 3, (0.0,) * 3)
+  with pytest.raises(trainer.TrainingDiverged, match="not finite.*last good checkpoint"):
+    trainer.train(config, str(tmp_path), data)
+  step, params = _params(tmp_path)
+  assert step == good_step
+  for x, y in zip(jax.tree.leaves(good), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_demo_config_learns(data_dir, tmp_path):
+  config = tiny_config(data_dir, num_epochs=5, patch_size=128, train_patches_per_epoch=64,
+                       **{"eval.every_epochs": 5})
+  data = run_data.build(config)
+  model = model_lib.build_model(trainer.model_config(config), seed=config.seed)
+  graphdef, state = steps.init_train_state(model, optax.identity())
+  untrained = data.validation_ap(graphdef, state)
+  summary = trainer.train(config, str(tmp_path), data)
+  assert summary["status"] == "finished"
+  assert summary["final"]["valid_ap"] > untrained + 0.1
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
+  assert records[-1]["train_loss"] < records[0]["train_loss"]
+  assert (tmp_path / "tensorboard").is_dir() and any((tmp_path / "tensorboard").iterdir())
+  for name in ("config.json", "normalization.json", "cases.json", "summary.json"):
+    assert (tmp_path / name).exists()
+  assert (tmp_path / "checkpoints" / "best").is_dir()

@@ -1,0 +1,39 @@
+"""A built synthetic `midogpp` and a tiny training config for the tests."""
+
+import pathlib
+
+import tensorflow_datasets as tfds
+
+from configs import demo
+from midog_jax import synthetic
+from tfds_midogpp.midogpp import midogpp_dataset_builder as builder_lib
+
+
+def build_synthetic(root: pathlib.Path, cases_per_domain: int = 3, width: int = 192,
+                    height: int = 160) -> str:
+  """Writes and builds a synthetic midogpp under `root`; returns the data dir."""
+  manual, data = root / "manual", root / "tfds"
+  synthetic.write_dataset(str(manual), cases_per_domain, width, height, seed=4,
+                          density_scale=150, progress=False)
+  builder_lib.Builder(data_dir=str(data)).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+  return str(data)
+
+
+def tiny_config(data_dir: str, **overrides):
+  config = demo.get_config()
+  config.data_dir = data_dir
+  config.patch_size = 64
+  config.batch_size = 8
+  config.train_patches_per_epoch = 32
+  config.valid_patches_per_epoch = 8
+  config.num_epochs = 2
+  config.eval.every_epochs = 0
+  config.prefetch = 0
+  for k, v in overrides.items():
+    node = config
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return config
