@@ -34,7 +34,7 @@ def main(argv):
     raise app.UsageError(f"--config.fold={config.fold} is not in 0..{config.num_folds - 1}")
   data = run_data.build(config)
   try:
-    summary = trainer.train(config, _WORKDIR.value, data)
+    summary = trainer.train(config, _WORKDIR.value, data).summary
   except trainer.TrainingDiverged as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)

@@ -145,9 +145,15 @@ class RunData:
   meta: dict[str, Any]  # Case lists etc., written with the run.
 
 
+@dataclasses.dataclass
+class TrainResult:
+  summary: dict[str, Any]  # As written to summary.json.
+  state: Any  # Final steps.TrainState (None when the run was already done).
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, data: RunData,
-          mesh=None) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir`; returns the summary."""
+          mesh=None) -> TrainResult:
+  """Trains (or resumes) the run in `workdir`."""
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh or steps.make_mesh()
   lead = jax.process_index() == 0
@@ -179,7 +185,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData,
     logging.warning("Resuming %s at step %d of %d.", workdir, step, total_steps)
   if step >= total_steps:
     ckpt.close()
-    return _summary(workdir)
+    return TrainResult(_summary(workdir), state)
 
   train_step = make_train_step(graphdef, tx, config, norm, mesh)
   eval_loss = make_eval_loss(graphdef, config, norm, mesh)
@@ -245,8 +251,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData,
         "checkpoint is in checkpoints/latest. Lower optim.max_lr or check the data.")
   if status == "interrupted":
     logging.warning("Interrupted at step %d; run the same command again to resume.", step)
-    return {"status": "interrupted", "step": step}
-  return _summary(workdir, write=lead, last=history)
+    return TrainResult({"status": "interrupted", "step": step}, state)
+  return TrainResult(_summary(workdir, write=lead, last=history), state)
 
 
 def _summary(workdir: str, write: bool = False, last: dict | None = None) -> dict[str, Any]:

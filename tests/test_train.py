@@ -118,7 +118,7 @@ def test_demo_config_learns(data_dir, tmp_path):
   model = model_lib.build_model(trainer.model_config(config), seed=config.seed)
   graphdef, state = steps.init_train_state(model, optax.identity())
   untrained = data.validation_ap(graphdef, state)
-  summary = trainer.train(config, str(tmp_path), data)
+  summary = trainer.train(config, str(tmp_path), data).summary
   assert summary["status"] == "finished"
   assert summary["final"]["valid_ap"] > untrained + 0.1
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
