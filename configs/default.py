@@ -67,3 +67,35 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.log_every_steps = 10
   return config
+
+
+def for_accelerator(config: ml_collections.ConfigDict, batch_size: int,
+                    dtype: str = "bfloat16") -> ml_collections.ConfigDict:
+  """Larger batch, learning rate by the square-root rule, bf16 compute.
+
+  Adam-family optimisers keep their training dynamics when the learning rate
+  grows with the square root of the batch (Malladi et al., NeurIPS 2022,
+  "On the SDEs and scaling rules for adaptive gradient algorithms"); epochs
+  keep the reference's patch counts, so they take fewer, larger steps.
+  """
+  scale = (batch_size / config.batch_size) ** 0.5
+  config.optim.max_lr *= scale
+  if config.optim.discriminative is not None:
+    config.optim.discriminative = tuple(lr * scale for lr in config.optim.discriminative)
+  config.batch_size = batch_size
+  config.model.dtype = dtype
+  config.eval.batch_size = max(config.eval.batch_size, batch_size)
+  return config
+
+
+def experiment_config(spec: str | None) -> ml_collections.ConfigDict:
+  """`None`/"all_domains", "single_domain=<type>" or "leave_one_out=<type>"."""
+  from configs import all_domains, leave_one_out, single_domain  # Cyclic otherwise.
+  kind, _, arg = (spec or "all_domains").partition("=")
+  makers = {"all_domains": lambda a: all_domains.get_config(),
+            "single_domain": single_domain.get_config,
+            "leave_one_out": leave_one_out.get_config}
+  if kind not in makers or (kind != "all_domains") != bool(arg):
+    raise ValueError(f"experiment {spec!r}: expected all_domains, single_domain=<tumour "
+                     "type> or leave_one_out=<tumour type>")
+  return makers[kind](arg) if arg else makers[kind](None)

@@ -4,7 +4,8 @@ from configs import default
 from midog_jax import domains
 
 
-def get_config(tumor_type: str = "human_breast_carcinoma"):
+def get_config(tumor_type: str | None = None):
+  tumor_type = tumor_type or "human_breast_carcinoma"
   config = default.get_config()
   left_out = domains.tumor_type(tumor_type).slug
   config.experiment = f"without_{left_out}"

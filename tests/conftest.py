@@ -6,3 +6,28 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_dir(tmp_path_factory):
+  """A built synthetic `midogpp` (3 cases per domain, 192 x 160 px)."""
+  from tests.train_fixtures import build_synthetic
+  return build_synthetic(tmp_path_factory.mktemp("synthetic_midogpp"))
+
+
+@pytest.fixture(scope="session")
+def plan_runs(tmp_path_factory, synthetic_data_dir):
+  """`experiments run --plan all --folds 0,1` with a tiny configuration."""
+  from midog_jax import experiments
+  workdir = tmp_path_factory.mktemp("plan")
+  code = experiments.main([
+      "run", "--plan", "all", "--workdir", str(workdir), "--folds", "0,1",
+      "--data-dir", synthetic_data_dir, "--set", "patch_size=64", "--set", "num_epochs=2",
+      "--set", "batch_size=8",
+      "--set", "train_patches_per_epoch=32", "--set", "valid_patches_per_epoch=8",
+      "--set", "eval.batch_size=8", "--set", "prefetch=0"])
+  assert code == 0
+  return workdir

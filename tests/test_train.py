@@ -16,12 +16,12 @@ import pytest
 
 from midog_jax import augment, model as model_lib, normalization, run_data, steps, trainer
 from tests.helpers import ROOT, env_without_accelerators
-from tests.train_fixtures import build_synthetic, tiny_config
+from tests.train_fixtures import tiny_config
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return build_synthetic(tmp_path_factory.mktemp("train_data"))
+def data_dir(synthetic_data_dir):
+  return synthetic_data_dir
 
 
 def _params(workdir, which="latest"):
