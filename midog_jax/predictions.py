@@ -128,3 +128,19 @@ def write_predictions(
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(out, f)
   os.replace(tmp, path)
+
+
+def write_geojson(path: str | os.PathLike[str], xy_px: np.ndarray, scores: np.ndarray,
+                  name: str = "Mitotic figure") -> None:
+  """Detections of one image as GeoJSON points in pixels, as QuPath imports
+  them (File > Import objects): one annotation per point, its score as a
+  measurement."""
+  features = [{
+      "type": "Feature",
+      "geometry": {"type": "Point", "coordinates": [float(x), float(y)]},
+      "properties": {"objectType": "annotation",
+                     "classification": {"name": name, "color": [220, 20, 60]},
+                     "measurements": {"probability": float(p)}},
+  } for (x, y), p in zip(np.asarray(xy_px).reshape(-1, 2), np.asarray(scores).reshape(-1))]
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({"type": "FeatureCollection", "features": features}, f)
