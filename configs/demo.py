@@ -9,7 +9,7 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.experiment = "demo"
+  config.experiment = "all_domains"  # The all-tumour-types experiment, at demo scale.
   config.patch_size = 128
   config.batch_size = 8
   config.train_patches_per_epoch = 160

@@ -1,10 +1,12 @@
-"""Scores MIDOG-format prediction files against the MIDOG++ annotations.
+"""MIDOG evaluation: score prediction files, or build the paper's domain matrices.
 
   python -m midog_jax.eval score --annotations MIDOG++.json \
       --splits datasets_xvalidation.csv --predictions test.json \
       [--split test|train] [--threshold T | --choose-threshold-on val.json] [--json]
+  python -m midog_jax.eval --runs W --out REPORT [--compare-paper] [--data-dir D]
 
-The metrics themselves live in `midog_jax.metrics`.
+The metrics themselves live in `midog_jax.metrics`, the run evaluation in
+`midog_jax.run_eval` and the matrices in `midog_jax.domain_matrix`.
 """
 
 from __future__ import annotations
@@ -120,9 +122,41 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def build_runs_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="python -m midog_jax.eval",
+      description="Evaluate every finished run under --runs on the test split (threshold "
+                  "chosen on each run's validation fold) and write the single-domain and "
+                  "leave-one-out matrices of F1 and AP (CSV, Markdown, PNG). For scoring a "
+                  "prediction file: python -m midog_jax.eval score --help")
+  parser.add_argument("--runs", required=True, help="folder holding the runs (experiment/foldK)")
+  parser.add_argument("--out", required=True, help="report folder")
+  parser.add_argument("--compare-paper", action="store_true",
+                      help="put the paper's Tables 4-7 values beside each cell")
+  parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: the runs')")
+  parser.add_argument("--folds", default="0,1,2,3,4", help="folds expected per experiment")
+  return parser
+
+
+def _run_runs(args: argparse.Namespace) -> int:
+  from midog_jax import run_eval  # Imports JAX and TensorFlow; `score` needs neither.
+  try:
+    paths = run_eval.evaluate_all(args.runs, args.out, args.data_dir, args.compare_paper,
+                                  tuple(int(f) for f in args.folds.split(",")))
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for p in paths:
+    print(p)
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  return args.func(args)
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] in ("score", "-h", "--help") or not argv:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+  return _run_runs(build_runs_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,108 @@
+"""Evaluates finished training runs on the test split, as the paper did.
+
+For each run: detect on its validation fold and on the test split with the
+best checkpoint (predictions are cached in the run and recomputed only when
+the checkpoint changed), choose the threshold on the validation fold (best
+pooled F1, 0.50 to 0.99), and score the test cases per tumour type.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+
+from midog_jax import dataset
+from midog_jax import detect
+from midog_jax import domain_matrix
+from midog_jax import metrics
+from midog_jax import patches
+from midog_jax import predictions
+
+
+def finished_runs(root: str) -> Iterator[str]:
+  """Run directories under `root` whose summary says finished, sorted."""
+  for dirpath, _, files in sorted(os.walk(root)):
+    if "summary.json" in files and "cases.json" in files:
+      with open(os.path.join(dirpath, "summary.json"), encoding="utf-8") as f:
+        if json.load(f).get("status") == "finished":
+          yield dirpath
+
+
+def _scored(cases, found) -> list[metrics.ScoredCase]:
+  return [metrics.ScoredCase(c.mitotic_figures, *found[c.file_name], c.um_per_px) for c in cases]
+
+
+def _detections(run, cases, rois: patches.RoiCache, name: str) -> dict:
+  """{file: (xy, scores)}, from the run's cache when made by this checkpoint."""
+  folder = os.path.join(run.workdir, "predictions")
+  path, stamp_path = os.path.join(folder, f"{name}.json"), os.path.join(folder, f"{name}.stamp")
+  um = {c.file_name: c.um_per_px for c in cases}
+  if os.path.exists(stamp_path) and open(stamp_path).read().strip() == str(run.step):
+    cached = predictions.read_predictions(path, um)
+    if set(cached) == set(um):
+      return {k: (v.xy, v.scores) for k, v in cached.items()}
+  detector = detect.Detector(run)
+  found = {name_: (xy, s) for name_, _, xy, s in detect.detect_all(
+      detector, ((c.file_name, rois.get(c.case_id)) for c in cases), len(cases))}
+  os.makedirs(folder, exist_ok=True)
+  predictions.write_predictions(path, found, um)
+  with open(stamp_path, "w") as f:
+    f.write(str(run.step))
+  return found
+
+
+def evaluate_run(workdir: str, data_dir: str | None, rois: patches.RoiCache,
+                 test_cases) -> dict:
+  """Writes and returns `workdir/evaluation.json` for one finished run."""
+  run = detect.load_run(workdir)
+  with open(os.path.join(workdir, "cases.json"), encoding="utf-8") as f:
+    meta = json.load(f)
+  train_cases = dataset.read_cases(data_dir or run.config.data_dir, "train")
+  valid_cases = dataset.select_cases(train_cases, file_names=meta["valid"])
+  valid = _detections(run, valid_cases, rois, "valid")
+  threshold, valid_f1 = metrics.choose_threshold(_scored(valid_cases, valid))
+  test = _detections(run, test_cases, rois, "test")
+  report = metrics.summarize(_scored(test_cases, test), [c.tumor for c in test_cases],
+                             threshold, [c.file_name for c in test_cases])
+  result = {"experiment": meta["experiment"], "fold": meta["fold"], "checkpoint_step": run.step,
+            "threshold": threshold, "valid_f1": valid_f1, "test": report}
+  with open(os.path.join(workdir, "evaluation.json"), "w", encoding="utf-8") as f:
+    json.dump(_finite(result), f, indent=1)
+  return result
+
+
+def _finite(obj):
+  if isinstance(obj, dict):
+    return {k: _finite(v) for k, v in obj.items()}
+  if isinstance(obj, float) and np.isnan(obj):
+    return None
+  return obj
+
+
+def evaluate_all(root: str, out_dir: str, data_dir: str | None = None,
+                 compare_paper: bool = False, folds=domain_matrix.DEFAULT_FOLDS,
+                 cache_bytes: int = 16 << 30) -> list[str]:
+  """Evaluates every finished run under `root` and writes the domain matrices."""
+  runs = list(finished_runs(root))
+  if not runs:
+    raise FileNotFoundError(f"{root}: no finished run (a folder with summary.json and cases.json)")
+  data_dir = data_dir or detect.load_run(runs[0]).config.data_dir
+  test_cases = dataset.read_cases(data_dir, "test")
+  all_cases = {c.case_id: c for c in dataset.read_cases(data_dir, "train") + test_cases}
+  reader = dataset.RoiReader(data_dir)
+  rois = patches.RoiCache(lambda i: reader(all_cases[i]), cache_bytes)
+  results, evaluations = [], []
+  for workdir in runs:
+    ev = evaluate_run(workdir, data_dir, rois, test_cases)
+    evaluations.append({"workdir": os.path.relpath(workdir, root), **_finite(ev)})
+    per_tumor = {t: {k: m[k] for k in ("f1", "ap", "tp", "fp", "fn")}
+                 for t, m in ev["test"]["tumor_types"].items()}
+    results.append(domain_matrix.RunResult(ev["experiment"], ev["fold"], per_tumor))
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "runs.json"), "w", encoding="utf-8") as f:
+    json.dump(evaluations, f, indent=1)
+  return [os.path.join(out_dir, "runs.json")] + list(
+      domain_matrix.write_report(results, out_dir, compare_paper=compare_paper, folds=folds))

@@ -1,0 +1,90 @@
+"""`python -m midog_jax.eval --runs` over two trained folds of the synthetic set."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from midog_jax import eval as eval_lib
+
+
+@pytest.fixture(scope="module")
+def report(plan_runs, synthetic_data_dir, tmp_path_factory):
+  out = tmp_path_factory.mktemp("report")
+  code = eval_lib.main(["--runs", str(plan_runs), "--out", str(out), "--compare-paper",
+                        "--data-dir", synthetic_data_dir, "--folds", "0,1"])
+  assert code == 0
+  return plan_runs, out
+
+
+def _f1(tp, fp, fn):
+  return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+
+
+def test_report_files(report):
+  _, out = report
+  names = sorted(os.listdir(out))
+  assert names == sorted(["runs.json", "domain_matrices.csv", "domain_matrices.md",
+                          "single_domain_f1.png", "single_domain_ap.png",
+                          "leave_one_out_f1.png", "leave_one_out_ap.png"])
+  for n in names:
+    if n.endswith(".png"):
+      assert (out / n).read_bytes()[:4] == b"\x89PNG"
+  md = (out / "domain_matrices.md").read_text()
+  assert "all tumour types" in md and "paper 0.82 ± 0.01" in md
+
+
+def test_every_number_recomputes_from_per_case_counts(report):
+  runs_root, out = report
+  runs = json.loads((out / "runs.json").read_text())
+  assert sorted((r["experiment"], r["fold"]) for r in runs) == [("all_domains", 0),
+                                                               ("all_domains", 1)]
+  per_fold_f1, per_fold_ap = {}, {}
+  for r in runs:
+    test = r["test"]
+    # Per tumour type: pooled counts of its cases -> F1.
+    tumour_of = {}
+    for t, m in test["tumor_types"].items():
+      assert m["f1"] == pytest.approx(_f1(m["tp"], m["fp"], m["fn"]))
+      per_fold_f1.setdefault(t, []).append(m["f1"])
+      per_fold_ap.setdefault(t, []).append(m["ap"])
+    totals = np.sum([[c["tp"], c["fp"], c["fn"]] for c in test["cases"].values()], axis=0)
+    assert [test["overall"][k] for k in ("tp", "fp", "fn")] == totals.tolist()
+    assert sum(m["tp"] for m in test["tumor_types"].values()) == totals[0]
+    assert 0.5 <= r["threshold"] <= 0.99
+  rows = list(csv.DictReader(open(out / "domain_matrices.csv")))
+  all_rows = [r for r in rows if r["matrix"] == "single_domain" and r["train"] == "all_domains"]
+  assert len(all_rows) == 14  # 7 test types x (F1, AP).
+  for row in all_rows:
+    values = (per_fold_f1 if row["metric"] == "f1" else per_fold_ap)[row["test"]]
+    values = [v for v in values if v is not None]
+    assert int(row["n_folds"]) == len(values)
+    if not values:  # AP of a type without test figures is undefined.
+      assert row["mean"] == ""
+      continue
+    assert float(row["mean"]) == pytest.approx(np.mean(values))
+    assert float(row["std"]) == pytest.approx(np.std(values))
+    assert row["paper_mean"] != ""
+  others = [r for r in rows if r["train"] != "all_domains"]
+  assert others and all(r["n_folds"] == "0" and r["mean"] == "" for r in others)
+
+
+def test_predictions_are_cached_per_checkpoint(report, synthetic_data_dir, tmp_path):
+  runs_root, _ = report
+  run = runs_root / "all_domains" / "fold0"
+  stamp = run / "predictions" / "test.stamp"
+  before = (run / "predictions" / "test.json").stat().st_mtime_ns
+  assert eval_lib.main(["--runs", str(runs_root), "--out", str(tmp_path), "--data-dir",
+                        synthetic_data_dir, "--folds", "0,1"]) == 0
+  assert (run / "predictions" / "test.json").stat().st_mtime_ns == before
+  stamp.write_text("-1")  # As if another checkpoint had made them.
+  assert eval_lib.main(["--runs", str(runs_root), "--out", str(tmp_path), "--data-dir",
+                        synthetic_data_dir, "--folds", "0,1"]) == 0
+  assert (run / "predictions" / "test.json").stat().st_mtime_ns != before
+
+
+def test_no_runs_is_a_clean_error(tmp_path, capsys):
+  assert eval_lib.main(["--runs", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+  assert "no finished run" in capsys.readouterr().err
