@@ -14,10 +14,13 @@ def get_config():
   config.batch_size = 8
   config.train_patches_per_epoch = 160
   config.valid_patches_per_epoch = 32
-  config.num_epochs = 8
+  config.num_epochs = 12
   config.cache_bytes = 1 << 30
   config.stream_window = 1
   config.optim.max_lr = 1e-3
   config.eval.batch_size = 8
   config.log_every_steps = 5
+  # The synthetic MIDOG++ that `python -m midog_jax.demo` writes and builds.
+  config.synthetic = dict(cases_per_domain=6, width=512, height=384, density_scale=40.0,
+                          seed=0)
   return config
