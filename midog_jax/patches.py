@@ -204,11 +204,14 @@ class RoiCache:
 
 
 def fill(plan: sampling.Plan, cache: RoiCache, crop_size: int,
-         max_objects: int) -> dict[str, np.ndarray]:
+         max_objects: int, out: dict[str, np.ndarray] | None = None
+         ) -> dict[str, np.ndarray]:
   """Crops and objects of every patch of `plan`, fetching each ROI once.
 
   Patches are filled case by case, so a streaming cache (budget 0) decodes
   each case once per call however its patches are spread over the plan.
+  `out` reuses arrays of a previous call (at least len(plan) long): writing
+  into freshly allocated memory costs about as much as the crop itself.
 
   Returns:
     {"crops": uint8 [K, C, C, 3], "centers": float32 [K, N, 2] (x, y) in
@@ -216,13 +219,15 @@ def fill(plan: sampling.Plan, cache: RoiCache, crop_size: int,
     "case_id": int64 [K]}.
   """
   k, p = len(plan), plan.patch_size
-  out = {
-      "crops": np.empty((k, crop_size, crop_size, 3), np.uint8),
-      "centers": np.empty((k, max_objects, 2), np.float32),
-      "labels": np.empty((k, max_objects), np.int32),
-      "valid": np.empty((k, max_objects), bool),
-      "case_id": plan.case_ids(),
-  }
+  if out is None or len(out["crops"]) < k:
+    out = {
+        "crops": np.empty((k, crop_size, crop_size, 3), np.uint8),
+        "centers": np.empty((k, max_objects, 2), np.float32),
+        "labels": np.empty((k, max_objects), np.int32),
+        "valid": np.empty((k, max_objects), bool),
+    }
+  out = {key: v[:k] for key, v in out.items() if key != "case_id"}
+  out["case_id"] = plan.case_ids()
   for index in np.unique(plan.case_index):
     case = plan.cases[index]
     image = cache.get(case.case_id)
@@ -237,8 +242,8 @@ def fill(plan: sampling.Plan, cache: RoiCache, crop_size: int,
 
 def batches(plan: sampling.Plan, cache: RoiCache, batch_size: int,
             crop_size: int, max_objects: int, start: int = 0,
-            drop_remainder: bool = True, window: int = 1
-            ) -> Iterator[dict[str, np.ndarray]]:
+            drop_remainder: bool = True, window: int = 1,
+            reuse_buffers: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """Host batches of `plan`, in plan order, from batch index `start` on.
 
   Args:
@@ -252,6 +257,9 @@ def batches(plan: sampling.Plan, cache: RoiCache, batch_size: int,
     drop_remainder: drop a last, smaller batch.
     window: batches prepared together, each ROI fetched once per window;
       with a streaming cache this trades host RAM for fewer decodes.
+    reuse_buffers: fill every window into the same arrays. A yielded batch
+      is then valid only until the next one is requested: the consumer must
+      copy it (e.g. to the accelerator) first.
 
   Yields:
     dicts as `fill` returns them, of `batch_size` patches.
@@ -261,8 +269,11 @@ def batches(plan: sampling.Plan, cache: RoiCache, batch_size: int,
   n = len(plan)
   stop = n - n % batch_size if drop_remainder else n
   span = batch_size * window
+  buffers = None
   for lo in range(start * batch_size, stop, span):
     filled = fill(plan.take(np.arange(lo, min(lo + span, stop))), cache, crop_size,
-                  max_objects)
+                  max_objects, out=buffers)
+    if reuse_buffers:
+      buffers = filled
     for b in range(0, len(filled["case_id"]), batch_size):
       yield {key: v[b:b + batch_size] for key, v in filled.items()}

@@ -53,6 +53,7 @@ def test_case_selection_and_metadata(data_dir, train_cases):
 def test_batches_shapes_sharding_and_determinism(data_dir, train_cases, devices):
   pipe = _input(data_dir, train_cases, devices)
   assert pipe.steps_per_epoch == 5  # 40 patches / batch 8.
+  assert not pipe.reuse_buffers  # CPU arrays alias host memory: never refill them.
   run = list(pipe.batches(0, epochs=2))
   assert len(run) == 10
   c = augment.crop_size(PATCH)

@@ -227,3 +227,22 @@ def test_batches():
     np.testing.assert_array_equal(a["crops"], b["crops"])
   tail = list(patches.batches(plan, cache, 4, C, 5, drop_remainder=False))
   assert len(tail) == 6 and len(tail[-1]["case_id"]) == 2
+
+
+def test_reused_buffers_give_the_same_batches():
+  cases = [sampling.SampledCase(i, 90, 70, [[20, 20], [50, 30]], [1, 2]) for i in range(3)]
+  shapes = {i: (70, 90) for i in range(3)}
+  plan = sampling.epoch_plan(cases, 30, P, seed=1, epoch=0)
+  fresh = [{k: v.copy() for k, v in b.items()}
+           for b in patches.batches(plan, patches.RoiCache(_Loader(shapes), 1 << 20), 4, C, 3)]
+  reused, previous = [], None
+  for b in patches.batches(plan, patches.RoiCache(_Loader(shapes), 1 << 20), 4, C, 3,
+                           reuse_buffers=True):
+    if previous is not None:  # The same memory, refilled.
+      assert np.shares_memory(previous, b["crops"])
+    previous = b["crops"]
+    reused.append({k: v.copy() for k, v in b.items()})
+  assert len(reused) == len(fresh) == 7
+  for a, b in zip(fresh, reused):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
