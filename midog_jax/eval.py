@@ -67,15 +67,6 @@ def format_table(report: dict) -> str:
   return "\n".join(lines)
 
 
-def _json_safe(obj):
-  """NaN (AP without ground truth) -> null, so the output is strict JSON."""
-  if isinstance(obj, dict):
-    return {k: _json_safe(v) for k, v in obj.items()}
-  if isinstance(obj, float) and math.isnan(obj):
-    return None
-  return obj
-
-
 def _run_score(args: argparse.Namespace) -> int:
   try:
     all_cases = annotations_lib.load_cases(args.annotations, args.splits)
@@ -95,7 +86,7 @@ def _run_score(args: argparse.Namespace) -> int:
   cases = [c for c in all_cases if c.split == args.split]
   report = score(cases, dets, threshold)
   if args.json:
-    print(json.dumps(_json_safe(report), indent=1))
+    print(json.dumps(metrics.json_safe(report), indent=1))
   else:
     print(format_table(report))
   return 0

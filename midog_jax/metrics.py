@@ -15,6 +15,7 @@ torchmetrics' COCO `MeanAveragePrecision` for AP), in pixels instead of mm:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
@@ -297,3 +298,12 @@ def summarize(cases: Sequence[ScoredCase], groups: Sequence[str],
       "overall": metrics(lambda i: True),
       "threshold": float(threshold),
   }
+
+
+def json_safe(obj):
+  """NaN (AP without ground truth) -> None, recursively, for strict JSON."""
+  if isinstance(obj, dict):
+    return {k: json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, float) and math.isnan(obj):
+    return None
+  return obj

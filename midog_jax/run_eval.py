@@ -12,7 +12,6 @@ import json
 import os
 from typing import Iterator
 
-import numpy as np
 
 from midog_jax import dataset
 from midog_jax import detect
@@ -70,16 +69,8 @@ def evaluate_run(workdir: str, data_dir: str | None, rois: patches.RoiCache,
   result = {"experiment": meta["experiment"], "fold": meta["fold"], "checkpoint_step": run.step,
             "threshold": threshold, "valid_f1": valid_f1, "test": report}
   with open(os.path.join(workdir, "evaluation.json"), "w", encoding="utf-8") as f:
-    json.dump(_finite(result), f, indent=1)
+    json.dump(metrics.json_safe(result), f, indent=1)
   return result
-
-
-def _finite(obj):
-  if isinstance(obj, dict):
-    return {k: _finite(v) for k, v in obj.items()}
-  if isinstance(obj, float) and np.isnan(obj):
-    return None
-  return obj
 
 
 def evaluate_all(root: str, out_dir: str, data_dir: str | None = None,
@@ -97,7 +88,7 @@ def evaluate_all(root: str, out_dir: str, data_dir: str | None = None,
   results, evaluations = [], []
   for workdir in runs:
     ev = evaluate_run(workdir, data_dir, rois, test_cases)
-    evaluations.append({"workdir": os.path.relpath(workdir, root), **_finite(ev)})
+    evaluations.append({"workdir": os.path.relpath(workdir, root), **metrics.json_safe(ev)})
     per_tumor = {t: {k: m[k] for k in ("f1", "ap", "tp", "fp", "fn")}
                  for t, m in ev["test"]["tumor_types"].items()}
     results.append(domain_matrix.RunResult(ev["experiment"], ev["fold"], per_tumor))
