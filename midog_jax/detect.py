@@ -85,7 +85,8 @@ def load_run(workdir: str | None = None, checkpoint: str | None = None) -> Loade
 class Detector:
   """Whole-image detection with a loaded run on every local device."""
 
-  def __init__(self, run: LoadedRun, threshold: float | None = None, batch_size: int | None = None):
+  def __init__(self, run: LoadedRun, threshold: float | None = None, batch_size: int | None = None,
+               progress: bool = False):
     mesh = steps.make_mesh(jax.local_devices())
     per_device = max(1, (batch_size or run.config.eval.batch_size) // mesh.size)
     self.batch_size = per_device * mesh.size
@@ -95,10 +96,11 @@ class Detector:
         run.graphdef, run.normalization, self.patch, run.config.eval.max_detections_per_window,
         self.threshold, mesh=mesh)
     self._weights = steps.replicate((run.params, run.batch_stats), mesh)
+    self.progress = progress  # A bar over each image's windows.
 
   def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return inference.detect_image(image, self._fn, *self._weights, self.patch, self.batch_size,
-                                  progress=False)
+                                  progress=self.progress)
 
 
 def detect_all(detector: Detector, items: Iterable[tuple[str, np.ndarray]], total: int | None = None
@@ -159,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   for folder in (args.geojson, args.overlay):
     if folder:
       os.makedirs(folder, exist_ok=True)
-  detector = Detector(run, args.threshold, args.batch_size)
+  detector = Detector(run, args.threshold, args.batch_size, progress=True)
   found = {}
   try:
     for name, image, xy, scores in detect_all(detector, items, total):
