@@ -67,10 +67,10 @@ class PatchInput:
     self.patches_per_epoch, self.seed = patches_per_epoch, seed
     self.guided_fraction, self.validation, self.prefetch = guided_fraction, validation, prefetch
     self.window = window
+    self.mesh = mesh or Mesh(np.array(jax.devices()), (DATA_AXIS,))
     if reuse_buffers is None:
       reuse_buffers = all(d.platform != "cpu" for d in self.mesh.devices.flat)
     self.reuse_buffers = reuse_buffers
-    self.mesh = mesh or Mesh(np.array(jax.devices()), (DATA_AXIS,))
     self.sharding = NamedSharding(self.mesh, P(DATA_AXIS))
     n_proc = jax.process_count()
     if global_batch_size % self.mesh.size or global_batch_size % n_proc:
