@@ -23,11 +23,17 @@ def plan_runs(tmp_path_factory, synthetic_data_dir):
   """`experiments run --plan all --folds 0,1` with a tiny configuration."""
   from midog_jax import experiments
   workdir = tmp_path_factory.mktemp("plan")
-  code = experiments.main([
-      "run", "--plan", "all", "--workdir", str(workdir), "--folds", "0,1",
-      "--data-dir", synthetic_data_dir, "--set", "patch_size=64", "--set", "num_epochs=2",
-      "--set", "batch_size=8",
-      "--set", "train_patches_per_epoch=32", "--set", "valid_patches_per_epoch=8",
-      "--set", "eval.batch_size=8", "--set", "prefetch=0"])
+  # The runs are subprocesses: one CPU device each compiles and runs faster.
+  saved = os.environ.pop("XLA_FLAGS", None)
+  try:
+    code = experiments.main([
+        "run", "--plan", "all", "--workdir", str(workdir), "--folds", "0,1",
+        "--data-dir", synthetic_data_dir, "--set", "patch_size=64", "--set", "num_epochs=2",
+        "--set", "batch_size=8", "--set", "train_patches_per_epoch=32",
+        "--set", "valid_patches_per_epoch=8", "--set", "eval.batch_size=8",
+        "--set", "prefetch=0"])
+  finally:
+    if saved is not None:
+      os.environ["XLA_FLAGS"] = saved
   assert code == 0
   return workdir

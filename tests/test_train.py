@@ -56,7 +56,7 @@ def test_same_update_on_1_and_8_devices(data_dir):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def _train_cmd(data_dir, workdir, epochs=3):
+def _train_cmd(data_dir, workdir, epochs=2):
   return [sys.executable, "-m", "midog_jax.train", "--config", str(ROOT / "configs" / "demo.py"),
           "--workdir", str(workdir), f"--config.data_dir={data_dir}",
           "--config.patch_size=64", "--config.train_patches_per_epoch=32",
@@ -66,6 +66,7 @@ def _train_cmd(data_dir, workdir, epochs=3):
 
 def test_sigterm_then_resume_equals_uninterrupted(data_dir, tmp_path):
   env = env_without_accelerators()
+  env.pop("XLA_FLAGS", None)  # One CPU device: the same check, compiled faster.
   full, cut = tmp_path / "full", tmp_path / "cut"
   done = subprocess.run(_train_cmd(data_dir, full), env=env, capture_output=True, text=True,
                         timeout=600, cwd=ROOT)
@@ -95,16 +96,21 @@ def test_sigterm_then_resume_equals_uninterrupted(data_dir, tmp_path):
     np.testing.assert_array_equal(x, y)  # Bitwise: same programs, same inputs.
 
 
+def _one_device():
+  return steps.make_mesh(jax.devices()[:1])
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
-  config = tiny_config(data_dir, num_epochs=3)
-  data = run_data.build(config)
-  trainer.train(config, str(tmp_path), data)  # A good run to the end.
+  config = tiny_config(data_dir, num_epochs=2)
+  mesh = _one_device()
+  data = run_data.build(config, mesh)
+  trainer.train(config, str(tmp_path), data, mesh)  # A good run to the end.
   good_step, good = _params(tmp_path)
-  config.num_epochs = 6
+  config.num_epochs = 4
   # Zero std makes the inputs infinite: the loss cannot stay finite.
   data.normalization = normalization.Normalization((128.0,) * 3, (0.0,) * 3)
   with pytest.raises(trainer.TrainingDiverged, match="not finite.*last good checkpoint"):
-    trainer.train(config, str(tmp_path), data)
+    trainer.train(config, str(tmp_path), data, mesh)
   step, params = _params(tmp_path)
   assert step == good_step
   for x, y in zip(jax.tree.leaves(good), jax.tree.leaves(params)):
@@ -114,11 +120,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
 def test_demo_config_learns(data_dir, tmp_path):
   config = tiny_config(data_dir, num_epochs=5, patch_size=128, train_patches_per_epoch=64,
                        **{"eval.every_epochs": 5})
-  data = run_data.build(config)
+  mesh = _one_device()
+  data = run_data.build(config, mesh)
   model = model_lib.build_model(trainer.model_config(config), seed=config.seed)
   graphdef, state = steps.init_train_state(model, optax.identity())
-  untrained = data.validation_ap(graphdef, state)
-  summary = trainer.train(config, str(tmp_path), data).summary
+  untrained = data.validation_ap(graphdef, steps.replicate(state, mesh))
+  summary = trainer.train(config, str(tmp_path), data, mesh).summary
   assert summary["status"] == "finished"
   assert summary["final"]["valid_ap"] > untrained + 0.1
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
