@@ -57,13 +57,19 @@ def crop(image: np.ndarray, x0: int, y0: int, patch_size: int,
   """
   m = _margin(patch_size, crop_size)
   h, w = image.shape[:2]
-  rows = _reflect(int(y0) - m, crop_size, h)
-  cols = _reflect(int(x0) - m, crop_size, w)
-  if isinstance(rows, slice) and isinstance(cols, slice):
-    window = image[rows, cols]
-  else:
-    # Two 1-D gathers; np.ix_ would build the same [C, C] index grid.
-    window = image[rows][:, cols]
+  y, x = int(y0) - m, int(x0) - m
+  # The part inside the image is a slice; only what lies outside is built,
+  # by symmetric padding (the same half-sample reflection as `_reflect`).
+  ys, ye = min(max(y, 0), h), min(max(y + crop_size, 0), h)
+  xs, xe = min(max(x, 0), w), min(max(x + crop_size, 0), w)
+  pads = ((ys - y, y + crop_size - ye), (xs - x, x + crop_size - xe))
+  if pads == ((0, 0), (0, 0)):
+    window = image[ys:ye, xs:xe]
+  elif max(pads[0]) <= ye - ys and max(pads[1]) <= xe - xs:
+    # Every reflected pixel lies inside the slice: pad it.
+    window = np.pad(image[ys:ye, xs:xe], pads + ((0, 0),), mode="symmetric")
+  else:  # Images smaller than the window: gather reflected indices.
+    window = image[_reflect(y, crop_size, h)][:, _reflect(x, crop_size, w)]
   if out is None:
     return np.array(window, copy=True)
   out[...] = window

@@ -246,3 +246,18 @@ def test_reused_buffers_give_the_same_batches():
   for a, b in zip(fresh, reused):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_crop_border_padding_equals_reflected_indices():
+  rng = np.random.default_rng(0)
+
+  def indices(r):
+    return np.arange(r.start, r.stop) if isinstance(r, slice) else r
+
+  for h, w in ((50, 70), (7, 5), (300, 200), (64, 64), (65, 90)):
+    img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    for _ in range(200):
+      x0, y0 = int(rng.integers(-60, w + 40)), int(rng.integers(-60, h + 40))
+      want = img[indices(patches._reflect(y0 - 16, 64, h))][
+          :, indices(patches._reflect(x0 - 16, 64, w))]
+      np.testing.assert_array_equal(patches.crop(img, x0, y0, 32, 64), want)
