@@ -33,9 +33,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release: 392 train and 111 test cases."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
-  The 503 MIDOG++ images (001.tiff ... 553.tiff, about 65 GB) are on figshare,
-  https://doi.org/10.6084/m9.figshare.c.6615571 (one file per image:
-  https://figshare.com/ndownloader/files/<id>). Put them in `manual_dir`
+  The 503 MIDOG++ images (001.tiff ... 553.tiff, about 65 GB) are in the
+  MIDOG++ figshare collection (reference 34 of the paper; one file per image:
+  https://figshare.com/ndownloader/files/<file id>). Put them in `manual_dir`
   (or `manual_dir/images`). `MIDOG++.json` and `datasets_xvalidation.csv`
   are read from `manual_dir` when present, otherwise downloaded from the
   authors' repository at a pinned commit and checked against checksums.tsv.
