@@ -38,7 +38,7 @@ def _stage(name: str) -> None:
 def run(config, workdir: str, n_overlays: int = 4) -> dict:
   """Runs (or resumes) every stage; returns the summary."""
   import tensorflow_datasets as tfds
-  from midog_jax import dataset, detect, eval as eval_lib, overlay, run_data, run_eval
+  from midog_jax import dataset, eval as eval_lib, overlay, predictions, run_data, run_eval
   from midog_jax import synthetic, trainer
   from tfds_midogpp.midogpp import midogpp_dataset_builder as builder_lib
 
@@ -79,7 +79,7 @@ def run(config, workdir: str, n_overlays: int = 4) -> dict:
   os.makedirs(os.path.join(report_dir, "overlays"), exist_ok=True)
   cases = dataset.read_cases(data_dir, "test")
   shown = sorted(cases, key=lambda c: -len(c.mitotic_figures))[:n_overlays]
-  found = detect.predictions.read_predictions(
+  found = predictions.read_predictions(
       os.path.join(run_dir, "predictions", "test.json"), {c.file_name: c.um_per_px for c in cases})
   for case, image in dataset.iterate_rois(data_dir, shown):
     path = os.path.join(report_dir, "overlays", case.file_name.replace(".tiff", ".png"))

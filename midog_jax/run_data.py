@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from midog_jax import augment
 from midog_jax import dataset
 from midog_jax import folds as folds_lib
 from midog_jax import inference
@@ -69,7 +70,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> traine
                 seed=config.seed, guided_fraction=config.guided_fraction, mesh=mesh,
                 cache=cache, prefetch=config.prefetch, window=config.stream_window)
   max_objects = patches.max_objects_in_window(
-      input_pipeline.sampled_cases(selected), input_pipeline.augment.crop_size(config.patch_size))
+      input_pipeline.sampled_cases(selected), augment.crop_size(config.patch_size))
   train_input = input_pipeline.PatchInput(
       train_cases, None, patches_per_epoch=config.train_patches_per_epoch,
       max_objects=max_objects, **common)

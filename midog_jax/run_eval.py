@@ -8,6 +8,7 @@ pooled F1, 0.50 to 0.99), and score the test cases per tumour type.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Iterator
@@ -34,8 +35,11 @@ def _scored(cases, found) -> list[metrics.ScoredCase]:
   return [metrics.ScoredCase(c.mitotic_figures, *found[c.file_name], c.um_per_px) for c in cases]
 
 
-def _detections(run, cases, rois: patches.RoiCache, name: str) -> dict:
-  """{file: (xy, scores)}, from the run's cache when made by this checkpoint."""
+def _detections(run, cases, rois: patches.RoiCache, name: str, detector) -> dict:
+  """{file: (xy, scores)}, from the run's cache when made by this checkpoint.
+
+  `detector()` returns the run's `detect.Detector`, built only when needed.
+  """
   folder = os.path.join(run.workdir, "predictions")
   path, stamp_path = os.path.join(folder, f"{name}.json"), os.path.join(folder, f"{name}.stamp")
   um = {c.file_name: c.um_per_px for c in cases}
@@ -43,9 +47,8 @@ def _detections(run, cases, rois: patches.RoiCache, name: str) -> dict:
     cached = predictions.read_predictions(path, um)
     if set(cached) == set(um):
       return {k: (v.xy, v.scores) for k, v in cached.items()}
-  detector = detect.Detector(run)
   found = {name_: (xy, s) for name_, _, xy, s in detect.detect_all(
-      detector, ((c.file_name, rois.get(c.case_id)) for c in cases), len(cases))}
+      detector(), ((c.file_name, rois.get(c.case_id)) for c in cases), len(cases))}
   os.makedirs(folder, exist_ok=True)
   predictions.write_predictions(path, found, um)
   with open(stamp_path, "w") as f:
@@ -53,17 +56,21 @@ def _detections(run, cases, rois: patches.RoiCache, name: str) -> dict:
   return found
 
 
-def evaluate_run(workdir: str, data_dir: str | None, rois: patches.RoiCache,
-                 test_cases) -> dict:
-  """Writes and returns `workdir/evaluation.json` for one finished run."""
+def evaluate_run(workdir: str, rois: patches.RoiCache, train_cases, test_cases) -> dict:
+  """Writes and returns `workdir/evaluation.json` for one finished run.
+
+  `train_cases` and `test_cases` are the dataset's splits (`dataset.read_cases`),
+  read once for all runs: each read is a pass over every record.
+  """
   run = detect.load_run(workdir)
   with open(os.path.join(workdir, "cases.json"), encoding="utf-8") as f:
     meta = json.load(f)
-  train_cases = dataset.read_cases(data_dir or run.config.data_dir, "train")
   valid_cases = dataset.select_cases(train_cases, file_names=meta["valid"])
-  valid = _detections(run, valid_cases, rois, "valid")
+  # One detector (one compilation) for both splits, and none when both are cached.
+  detector = functools.cache(lambda: detect.Detector(run))
+  valid = _detections(run, valid_cases, rois, "valid", detector)
   threshold, valid_f1 = metrics.choose_threshold(_scored(valid_cases, valid))
-  test = _detections(run, test_cases, rois, "test")
+  test = _detections(run, test_cases, rois, "test", detector)
   report = metrics.summarize(_scored(test_cases, test), [c.tumor for c in test_cases],
                              threshold, [c.file_name for c in test_cases])
   result = {"experiment": meta["experiment"], "fold": meta["fold"], "checkpoint_step": run.step,
@@ -80,14 +87,17 @@ def evaluate_all(root: str, out_dir: str, data_dir: str | None = None,
   runs = list(finished_runs(root))
   if not runs:
     raise FileNotFoundError(f"{root}: no finished run (a folder with summary.json and cases.json)")
-  data_dir = data_dir or detect.load_run(runs[0]).config.data_dir
+  if data_dir is None:  # The runs' own, from the first run's configuration.
+    with open(os.path.join(runs[0], "config.json"), encoding="utf-8") as f:
+      data_dir = json.load(f)["data_dir"]
+  train_cases = dataset.read_cases(data_dir, "train")
   test_cases = dataset.read_cases(data_dir, "test")
-  all_cases = {c.case_id: c for c in dataset.read_cases(data_dir, "train") + test_cases}
+  all_cases = {c.case_id: c for c in train_cases + test_cases}
   reader = dataset.RoiReader(data_dir)
   rois = patches.RoiCache(lambda i: reader(all_cases[i]), cache_bytes)
   results, evaluations = [], []
   for workdir in runs:
-    ev = evaluate_run(workdir, data_dir, rois, test_cases)
+    ev = evaluate_run(workdir, rois, train_cases, test_cases)
     evaluations.append({"workdir": os.path.relpath(workdir, root), **metrics.json_safe(ev)})
     per_tumor = {t: {k: m[k] for k in ("f1", "ap", "tp", "fp", "fn")}
                  for t, m in ev["test"]["tumor_types"].items()}
