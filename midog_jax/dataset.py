@@ -1,22 +1,32 @@
 """Reads the `midogpp` TFDS dataset: case metadata and decoded ROIs.
 
-TensorFlow is used here only to read and decode records, on the CPU. What
-comes out is NumPy, so the sampler, the cache and everything after them run
-without TensorFlow.
+Cases are found by identity, never by position: a split is scanned once
+(`records.scan`), each case's record location (shard, byte offset) and
+metadata are kept in a small index beside the dataset, and an ROI is read
+by seeking to its record. Shard counts, TFDS's record order and reading
+order therefore do not matter. TensorFlow is used only through TFDS to find
+the dataset; records are parsed by TFDS's NumPy parser and PNGs decoded by
+imagecodecs, so what comes out is NumPy, on the CPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Iterator, Sequence
 
+import imagecodecs
 import numpy as np
+from etils import epath
 
 from midog_jax import annotations
 from midog_jax import domains
+from midog_jax import files
 from midog_jax import normalization
+from midog_jax import records
 
 DATASET = "midogpp"
+_INDEX_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +35,7 @@ class CaseInfo:
   file_name: str
   case_id: int
   split: str
-  index: int  # Position in its split, for reading the ROI alone.
+  record: records.Location  # Where its example is, for reading the ROI alone.
   tumor: str
   domain: str
   width: int
@@ -45,9 +55,24 @@ class CaseInfo:
   def mitotic_figures(self) -> np.ndarray:
     return self.centers[self.labels == annotations.MITOTIC_FIGURE]
 
+  def to_json(self) -> dict:
+    out = dataclasses.asdict(self)
+    out["record"] = dataclasses.asdict(self.record)
+    for k in ("centers", "labels", "tissue_mean", "tissue_std"):
+      out[k] = getattr(self, k).tolist()
+    return out
+
+  @classmethod
+  def from_json(cls, d: dict) -> "CaseInfo":
+    return cls(**{**d, "record": records.Location(**d["record"]),
+                  "centers": np.asarray(d["centers"], np.float32).reshape(-1, 2),
+                  "labels": np.asarray(d["labels"], np.int64),
+                  "tissue_mean": np.asarray(d["tissue_mean"], np.float32),
+                  "tissue_std": np.asarray(d["tissue_std"], np.float32)})
+
 
 def _tf():
-  import tensorflow as tf  # Imported late: only this module needs it.
+  import tensorflow as tf  # Imported late: only finding the dataset needs it.
   tf.config.set_visible_devices([], "GPU")  # Keep TensorFlow off accelerators.
   return tf
 
@@ -65,27 +90,87 @@ def _builder(data_dir: str | None):
   return builder
 
 
-def read_cases(data_dir: str | None, split: str) -> list[CaseInfo]:
-  """Every case of a split with its metadata, without decoding any image."""
+def _case_from_example(ex: dict, split: str, location: records.Location) -> CaseInfo:
+  # The image's size without decoding it: the PNG header (IHDR) holds it.
+  png = ex["image"]
+  width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+  objects = ex["objects"]
+  return CaseInfo(
+      file_name=_text(ex["file_name"]), case_id=int(ex["case_id"]), split=split,
+      record=location, tumor=domains.TUMOR_SLUGS[int(ex["tumor_type"])],
+      domain=domains.DOMAIN_IDS[int(ex["domain"])], width=width, height=height,
+      um_per_px=float(ex["um_per_px"]),
+      centers=np.asarray(objects["center"], np.float32).reshape(-1, 2),
+      labels=np.asarray(objects["label"], np.int64).reshape(-1),
+      tissue_mean=np.asarray(ex["tissue"]["mean"], np.float32),
+      tissue_std=np.asarray(ex["tissue"]["std"], np.float32),
+      tissue_fraction=float(ex["tissue"]["fraction"]))
+
+
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _shard_key(paths: Sequence[epath.Path]) -> list:
+  """What identifies a build of the shards: names, sizes, modification times."""
+  out = []
+  for p in paths:
+    st = p.stat()
+    out.append([p.name, int(st.length), int(st.mtime)])
+  return out
+
+
+def _scan_split(builder, split: str, paths: Sequence[epath.Path]) -> list[CaseInfo]:
   import tensorflow_datasets as tfds
+  from tqdm import tqdm
+  features = builder.info.features
+  skip = {"image": tfds.decode.SkipDecoding()}
+  cases, seen = [], {}
+  total = builder.info.splits[split].num_examples
+  with tqdm(total=total, desc=f"index {split}", unit="case", leave=False) as bar:
+    for path in paths:
+      for location, data in records.scan(path):
+        case = _case_from_example(features.deserialize_example_np(data, decoders=skip),
+                                  split, location)
+        if case.file_name in seen:
+          raise ValueError(f"{builder.data_dir}: {case.file_name} is stored twice in the "
+                           f"{split} split ({seen[case.file_name]} and {path.name}); rebuild it")
+        seen[case.file_name] = path.name
+        cases.append(case)
+        bar.update(1)
+  if len(cases) != total:
+    raise records.RecordError(
+        f"{builder.data_dir}: the {split} split holds {len(cases)} records, its "
+        f"dataset_info.json says {total}; rebuild the dataset")
+  return cases
+
+
+def read_cases(data_dir: str | None, split: str) -> list[CaseInfo]:
+  """Every case of a split with its metadata, without decoding any image.
+
+  The first call scans the split's shards (a read of every record); the
+  result is kept as `midog_jax-cases-<split>.json` beside the dataset and
+  reused while the shards are unchanged.
+  """
   builder = _builder(data_dir)
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={"image": tfds.decode.SkipDecoding()})
-  cases = []
-  for index, ex in enumerate(tfds.as_numpy(ds)):
-    # The image's size without decoding it: the PNG header (IHDR) holds it.
-    png = ex["image"]
-    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
-    cases.append(CaseInfo(
-        file_name=ex["file_name"].decode(), case_id=int(ex["case_id"]), split=split,
-        index=index, tumor=domains.TUMOR_SLUGS[ex["tumor_type"]],
-        domain=domains.DOMAIN_IDS[ex["domain"]], width=width, height=height,
-        um_per_px=float(ex["um_per_px"]),
-        centers=ex["objects"]["center"].astype(np.float32).reshape(-1, 2),
-        labels=ex["objects"]["label"].astype(np.int64),
-        tissue_mean=ex["tissue"]["mean"], tissue_std=ex["tissue"]["std"],
-        tissue_fraction=float(ex["tissue"]["fraction"])))
-  return sorted(cases, key=lambda c: c.case_id)
+  folder = epath.Path(builder.data_dir)
+  paths = builder.info.splits[split].filepaths
+  key = _shard_key(paths)
+  index_path = folder / f"midog_jax-cases-{split}.json"
+  if index_path.exists():
+    try:
+      index = files.read_json(index_path)
+      if index.get("version") == _INDEX_VERSION and index.get("shards") == key:
+        return [CaseInfo.from_json(c) for c in index["cases"]]
+    except (ValueError, KeyError, TypeError):
+      pass  # A damaged or foreign index is made again.
+  cases = sorted(_scan_split(builder, split, paths), key=lambda c: c.case_id)
+  try:
+    files.write_json(index_path, {"version": _INDEX_VERSION, "shards": key,
+                                  "cases": [c.to_json() for c in cases]}, indent=None)
+  except OSError as e:  # A read-only dataset: the index lives for this process only.
+    logging.info("Could not keep the case index in %s (%s).", folder, e)
+  return cases
 
 
 def select_cases(cases: Sequence[CaseInfo], tumor_types=None, domain_ids=None,
@@ -121,29 +206,32 @@ def normalization_of(cases: Sequence[CaseInfo]) -> normalization.Normalization:
 
 
 class RoiReader:
-  """Decodes one case's ROI at a time (TFDS slicing reads only its shard)."""
+  """Decodes one case's ROI by seeking to its record (any shard layout)."""
 
   def __init__(self, data_dir: str | None):
-    self._builder = _builder(data_dir)
+    builder = _builder(data_dir)
+    self._folder = epath.Path(builder.data_dir)
+    self._features = builder.info.features
 
   def __call__(self, case: CaseInfo) -> np.ndarray:
     import tensorflow_datasets as tfds
-    ds = self._builder.as_dataset(split=f"{case.split}[{case.index}:{case.index + 1}]",
-                                  shuffle_files=False)
-    (ex,) = list(tfds.as_numpy(ds))
-    if ex["file_name"].decode() != case.file_name:
-      raise RuntimeError(f"{case.file_name}: dataset changed since its metadata was read")
-    return ex["image"]
+    data = records.read(self._folder, case.record)
+    ex = self._features.deserialize_example_np(
+        data, decoders={"image": tfds.decode.SkipDecoding()})
+    if _text(ex["file_name"]) != case.file_name:
+      raise records.RecordError(
+          f"{self._folder / case.record.shard}: the record at byte {case.record.offset} is "
+          f"{_text(ex['file_name'])}, not {case.file_name}; the dataset changed since its "
+          "index was made (delete the midog_jax-cases-*.json files beside it)")
+    image = imagecodecs.png_decode(ex["image"])
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+      raise records.RecordError(f"{case.file_name}: stored image is {image.shape} "
+                                f"{image.dtype}, expected [H, W, 3] uint8")
+    return image
 
 
 def iterate_rois(data_dir: str | None, cases: Sequence[CaseInfo]) -> Iterator[tuple[CaseInfo, np.ndarray]]:
-  """All ROIs of the given cases, decoded in one sequential pass per split."""
-  import tensorflow_datasets as tfds
-  builder = _builder(data_dir)
-  wanted = {(c.split, c.file_name): c for c in cases}
-  for split in sorted({c.split for c in cases}):
-    ds = builder.as_dataset(split=split, shuffle_files=False)
-    for ex in tfds.as_numpy(ds):
-      case = wanted.get((split, ex["file_name"].decode()))
-      if case is not None:
-        yield case, ex["image"]
+  """The ROIs of the given cases, read in storage order (sequential I/O)."""
+  reader = RoiReader(data_dir)
+  for case in sorted(cases, key=lambda c: (c.split, c.record.shard, c.record.offset)):
+    yield case, reader(case)

@@ -10,13 +10,24 @@ from tfds_midogpp.midogpp import midogpp_dataset_builder as builder_lib
 
 
 def build_synthetic(root: pathlib.Path, cases_per_domain: int = 3, width: int = 192,
-                    height: int = 160) -> str:
-  """Writes and builds a synthetic midogpp under `root`; returns the data dir."""
-  manual, data = root / "manual", root / "tfds"
-  synthetic.write_dataset(str(manual), cases_per_domain, width, height, seed=4,
-                          density_scale=150, progress=False)
+                    height: int = 160, num_shards: int | None = 2) -> str:
+  """Writes and builds a synthetic midogpp under `root`; returns the data dir.
+
+  Several shards by default, as the real splits always have: record order
+  then differs from case order, which the readers must not depend on.
+  """
+  manual = root / "manual"
+  if not manual.exists():
+    synthetic.write_dataset(str(manual), cases_per_domain, width, height, seed=4,
+                            density_scale=150, progress=False)
+  return build_layout(manual, root / f"tfds-{num_shards}-shards", num_shards)
+
+
+def build_layout(manual: pathlib.Path, data: pathlib.Path, num_shards: int | None) -> str:
+  """Builds the TIFFs in `manual` into `data` with `num_shards` shards per split."""
   builder_lib.Builder(data_dir=str(data)).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual),
+                                                   num_shards=num_shards))
   return str(data)
 
 
