@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 import os
 from typing import Any, Sequence
 
@@ -69,6 +70,8 @@ class Case:
 
 
 def _require(record: dict[str, Any], keys: Sequence[str], where: str) -> None:
+  if not isinstance(record, dict):
+    raise AnnotationError(f"{where}: expected a JSON object, got {type(record).__name__}")
   missing = [k for k in keys if k not in record]
   if missing:
     raise AnnotationError(f"{where}: missing key(s) {missing}")
@@ -113,7 +116,7 @@ def _parse_object(ann: dict[str, Any], image: dict[str, Any], where: str) -> Mid
   bbox = ann["bbox"]
   if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4):
     raise AnnotationError(f"{where}: bbox {bbox!r} is not [x1, y1, x2, y2]")
-  x1, y1, x2, y2 = (float(v) for v in bbox)
+  x1, y1, x2, y2 = (_number(v, where, "bbox value") for v in bbox)
   if abs(x2 - x1 - BOX_SIZE) > 1e-3 or abs(y2 - y1 - BOX_SIZE) > 1e-3:
     raise AnnotationError(
         f"{where}: bbox {bbox} is {x2 - x1:g} x {y2 - y1:g} px, expected "
@@ -131,6 +134,21 @@ def _parse_object(ann: dict[str, Any], image: dict[str, Any], where: str) -> Mid
         f"{where}: category_id {label!r} / labels {ann['labels']!r} must use "
         f"{MITOTIC_FIGURE} (mitotic) or {NON_MITOTIC_FIGURE} (non-mitotic)")
   return MidogObject(int(ann["id"]), (x1 + x2) / 2, (y1 + y2) / 2, int(label), votes)
+
+
+def _number(value: Any, where: str, what: str) -> float:
+  """A finite JSON number (not a string, bool, null or NaN)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise AnnotationError(f"{where}: {what} {value!r} is not a finite number")
+  return float(value)
+
+
+def _integer(value: Any, where: str, what: str, minimum: int | None = None) -> int:
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise AnnotationError(f"{where}: {what} {value!r} is not an integer")
+  if minimum is not None and value < minimum:
+    raise AnnotationError(f"{where}: {what} {value} is below {minimum}")
+  return value
 
 
 def load_cases(
@@ -159,13 +177,27 @@ def load_cases(
   if not isinstance(data, dict):
     raise AnnotationError(f"{annotations}: expected a JSON object with 'images' and 'annotations'")
   _require(data, ("images", "annotations"), annotations)
+  for key in ("images", "annotations"):
+    if not isinstance(data[key], list):
+      raise AnnotationError(f"{annotations}: '{key}' must be a list of records, got "
+                            f"{json.dumps(data[key])[:40]}")
 
   images: dict[int, dict[str, Any]] = {}
+  names: dict[str, int] = {}
   for i, image in enumerate(data["images"]):
     where = f"{annotations}, images[{i}]"
     _require(image, ("id", "file_name", "width", "height", "tumor_type"), where)
+    _integer(image["id"], where, "id")
+    _integer(image["width"], where, "width", minimum=1)
+    _integer(image["height"], where, "height", minimum=1)
+    if not isinstance(image["file_name"], str) or not image["file_name"]:
+      raise AnnotationError(f"{where}: file_name {image['file_name']!r} is not a file name")
     if image["id"] in images:
       raise AnnotationError(f"{where}: duplicate image id {image['id']}")
+    if image["file_name"] in names:
+      raise AnnotationError(f"{where}: file_name {image['file_name']} is also image "
+                            f"{names[image['file_name']]}")
+    names[image["file_name"]] = image["id"]
     try:
       domains.tumor_type(image["tumor_type"])
     except KeyError as e:
@@ -175,8 +207,10 @@ def load_cases(
   objects: dict[int, list[MidogObject]] = {i: [] for i in images}
   seen: set[int] = set()
   for i, ann in enumerate(data["annotations"]):
-    where = f"{annotations}, annotations[{i}] (id {ann.get('id')})"
+    where = f"{annotations}, annotations[{i}]"
     _require(ann, ("id", "image_id"), where)
+    where += f" (id {ann.get('id')})"
+    _integer(ann["id"], where, "id")
     if ann["id"] in seen:
       raise AnnotationError(f"{where}: duplicate annotation id {ann['id']}")
     seen.add(ann["id"])

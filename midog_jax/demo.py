@@ -23,6 +23,8 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from midog_jax import files
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "demo.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config.",
@@ -98,8 +100,7 @@ def run(config, workdir: str, n_overlays: int = 4) -> dict:
       "wall_seconds": time.time() - start,
       "report": sorted(os.path.relpath(p, workdir) for p in paths),
   }
-  with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=1)
+  files.write_json(os.path.join(workdir, "summary.json"), summary)
   print(f"\npooled test F1 {summary['f1_overall']:.3f}, AP {summary['ap_overall']:.3f} "
         f"in {summary['wall_seconds']:.0f} s; report in {report_dir}, summary in "
         f"{os.path.join(workdir, 'summary.json')}")

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from midog_jax import domains
+from midog_jax import files
 from midog_jax import paper
 
 MATRICES = paper.MATRICES
@@ -234,8 +235,7 @@ def _row_notes(matrix: str, train: str, row: Mapping[str, Cell]) -> list[str]:
 
 
 def write_markdown(mats: Mapping, path: str, compare_paper: bool = False) -> str:
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("# Domain matrices\n\n" + markdown(mats, compare_paper))
+  files.write_text(path, "# Domain matrices\n\n" + markdown(mats, compare_paper))
   return path
 
 

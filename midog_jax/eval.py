@@ -71,16 +71,19 @@ def _run_score(args: argparse.Namespace) -> int:
   try:
     all_cases = annotations_lib.load_cases(args.annotations, args.splits)
     um = {c.file_name: c.um_per_px for c in all_cases}
-    dets = predictions_lib.read_predictions(args.predictions, um)
+    sizes = {c.file_name: (c.width, c.height) for c in all_cases}
+    dets = predictions_lib.read_predictions(args.predictions, um, sizes)
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     if args.choose_threshold_on:
-      val = predictions_lib.read_predictions(args.choose_threshold_on, um)
+      val = predictions_lib.read_predictions(args.choose_threshold_on, um, sizes)
       val_cases = [c for c in all_cases if c.file_name in val]
       if not val_cases:
         raise predictions_lib.PredictionError(
             f"{args.choose_threshold_on}: no image of the annotations in it")
       threshold, _ = metrics.choose_threshold(scored_cases(val_cases, val))
   except (annotations_lib.AnnotationError, predictions_lib.PredictionError) as e:
+    if args.verbose:
+      raise
     print(f"error: {e}", file=sys.stderr)
     return 2
   cases = [c for c in all_cases if c.split == args.split]
@@ -90,6 +93,17 @@ def _run_score(args: argparse.Namespace) -> int:
   else:
     print(format_table(report))
   return 0
+
+
+def probability(text: str) -> float:
+  """An argparse type: a number in [0, 1] (NaN refused)."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not 0.0 <= value <= 1.0:  # Also false for NaN.
+    raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
+  return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,12 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--split", choices=annotations_lib.SPLITS, default="test",
                  help="cases to score (default: test)")
   t = p.add_mutually_exclusive_group()
-  t.add_argument("--threshold", type=float,
+  t.add_argument("--threshold", type=probability,
                  help=f"score threshold, strict (default {DEFAULT_THRESHOLD})")
   t.add_argument("--choose-threshold-on", metavar="V",
                  help="prediction JSON of validation cases; the threshold with the "
                       "best pooled F1 on them (0.50 ... 0.99) is applied")
   p.add_argument("--json", action="store_true", help="print the report as JSON")
+  p.add_argument("-v", "--verbose", action="store_true", help="errors with their traceback")
   p.set_defaults(func=_run_score)
   return parser
 
@@ -126,6 +141,7 @@ def build_runs_parser() -> argparse.ArgumentParser:
                       help="put the paper's Tables 4-7 values beside each cell")
   parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: the runs')")
   parser.add_argument("--folds", default="0,1,2,3,4", help="folds expected per experiment")
+  parser.add_argument("-v", "--verbose", action="store_true", help="errors with their traceback")
   return parser
 
 
@@ -134,7 +150,9 @@ def _run_runs(args: argparse.Namespace) -> int:
   try:
     paths = run_eval.evaluate_all(args.runs, args.out, args.data_dir, args.compare_paper,
                                   tuple(int(f) for f in args.folds.split(",")))
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, OSError) as e:
+    if args.verbose:
+      raise
     print(f"error: {e}", file=sys.stderr)
     return 2
   for p in paths:

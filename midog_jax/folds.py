@@ -52,30 +52,37 @@ def count_bins(counts: Sequence[int]) -> np.ndarray:
   return np.asarray(bins, dtype=np.int64)
 
 
-def folds(cases: Sequence[ann_lib.Case],
-          tumor_types: str | Sequence[str] = "all") -> list[Fold]:
-  """The 5 (train file names, valid file names) splits of an experiment.
+def folds(cases: Sequence[ann_lib.Case], tumor_types: str | Sequence[str] = "all",
+          num_folds: int = N_FOLDS, seed: int = SEED) -> list[Fold]:
+  """The `num_folds` (train file names, valid file names) splits of an experiment.
 
   Args:
     cases: all cases, e.g. from `annotations.load_cases`; test-split cases
       and other tumour types are left out here.
     tumor_types: `"all"`, comma-separated names, or a sequence of names.
+    num_folds, seed: the reference's 5 and 42 by default.
   """
+  if num_folds < 2:
+    raise ValueError(f"num_folds must be at least 2, got {num_folds}")
   chosen = fold_cases(cases, tumor_types)
-  if len(chosen) < N_FOLDS:
+  if len(chosen) < num_folds:
     raise ValueError(
         f"{len(chosen)} train case(s) of tumour types {tumor_types!r}; "
-        f"{N_FOLDS}-fold cross-validation needs at least {N_FOLDS}")
+        f"{num_folds}-fold cross-validation needs at least {num_folds} (lower num_folds)")
   bins = count_bins([len(c.mitotic_figures) for c in chosen])
   names = [c.file_name for c in chosen]
-  skf = StratifiedKFold(n_splits=N_FOLDS, shuffle=True, random_state=SEED)
-  return [([names[i] for i in train], [names[i] for i in valid])
-          for train, valid in skf.split(np.zeros(len(names)), bins)]
+  skf = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
+  try:
+    splits = list(skf.split(np.zeros(len(names)), bins))
+  except ValueError as e:  # Every count tertile smaller than num_folds.
+    raise ValueError(f"{len(chosen)} train case(s) of tumour types {tumor_types!r} cannot be "
+                     f"stratified into {num_folds} folds ({e}); lower num_folds") from None
+  return [([names[i] for i in train], [names[i] for i in valid]) for train, valid in splits]
 
 
-def fold(cases: Sequence[ann_lib.Case], tumor_types: str | Sequence[str],
-         k: int) -> Fold:
-  """Fold `k` (0-4) of `folds(cases, tumor_types)`."""
-  if not 0 <= k < N_FOLDS:
-    raise ValueError(f"fold must be in 0..{N_FOLDS - 1}, got {k}")
-  return folds(cases, tumor_types)[k]
+def fold(cases: Sequence[ann_lib.Case], tumor_types: str | Sequence[str], k: int,
+         num_folds: int = N_FOLDS, seed: int = SEED) -> Fold:
+  """Fold `k` (0 .. num_folds - 1) of `folds(cases, tumor_types, num_folds, seed)`."""
+  if not 0 <= k < num_folds:
+    raise ValueError(f"fold must be in 0..{num_folds - 1}, got {k}")
+  return folds(cases, tumor_types, num_folds, seed)[k]

@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from midog_jax import files
+
 
 class MetricWriter:
   """Writes `workdir/metrics.jsonl` and `workdir/tensorboard/` (process 0)."""
@@ -28,6 +30,8 @@ class MetricWriter:
       return
     with open(self.path, "a", encoding="utf-8") as f:
       f.write(json.dumps({"step": step, **metrics}) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
     if self._tb is not None:
       with self._tb.as_default(step=step):
         for k, v in metrics.items():
@@ -41,8 +45,35 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The rows of `metrics.jsonl`; a torn last line (a kill mid-write) is left out."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
+  rows = []
   with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        if line.endswith("\n"):
+          raise ValueError(f"{path}: a damaged line in the middle: {line[:80]!r}") from None
+  return rows
+
+
+def truncate(workdir: str, step: int) -> None:
+  """Keeps the rows up to `step` (the committed checkpoint): a resumed run
+  then writes every later epoch once, whatever the moment of the kill."""
+  rows = read_metrics(workdir)
+  kept = [r for r in rows if r["step"] <= step]
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path) and (len(kept) != len(rows) or not _ends_cleanly(path)):
+    files.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _ends_cleanly(path: str) -> bool:
+  with open(path, "rb") as f:
+    f.seek(0, os.SEEK_END)
+    if f.tell() == 0:
+      return True
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b"\n"

@@ -9,6 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
+from midog_jax import files
+
 
 @dataclasses.dataclass(frozen=True)
 class Normalization:
@@ -24,9 +26,11 @@ class Normalization:
   def unit_std(self) -> np.ndarray:
     return np.asarray(self.std, np.float32) / 255.0
 
+  def to_json(self) -> dict[str, list[float]]:
+    return {"mean": list(self.mean), "std": list(self.std)}
+
   def save(self, path: str | os.PathLike[str]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(dataclasses.asdict(self), f, indent=1)
+    files.write_json(path, self.to_json())
 
   @classmethod
   def load(cls, path: str | os.PathLike[str]) -> "Normalization":

@@ -53,15 +53,27 @@ def validation_ap_fn(config: ml_collections.ConfigDict, cases, cache: patches.Ro
   return validation_ap
 
 
+def check_patch_size(patch_size: int, cases) -> None:
+  """A patch must fit in some image; otherwise training sees only padding."""
+  largest = max(cases, key=lambda c: min(c.width, c.height))
+  if patch_size > min(largest.width, largest.height):
+    raise ValueError(
+        f"patch_size {patch_size} is larger than every image of the experiment (the largest "
+        f"is {largest.width} x {largest.height} px); choose patch_size <= "
+        f"{min(largest.width, largest.height)}")
+
+
 def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> trainer.RunData:
   """The run's data for `config` (tumour types, fold, sampling, cache)."""
   all_train = dataset.read_cases(config.data_dir, "train")
   selected = dataset.select_cases(all_train, tumor_types=config.tumor_types)
-  train_names, valid_names = folds_lib.fold(selected, config.tumor_types, config.fold)
+  train_names, valid_names = folds_lib.fold(selected, config.tumor_types, config.fold,
+                                              config.num_folds, config.fold_seed)
   train_cases = dataset.select_cases(selected, file_names=train_names)
   valid_cases = dataset.select_cases(selected, file_names=valid_names)
-  logging.warning("%s fold %d: %d training and %d validation cases.", config.experiment,
+  logging.info("%s fold %d: %d training and %d validation cases.", config.experiment,
                config.fold, len(train_cases), len(valid_cases))
+  check_patch_size(config.patch_size, selected)
   norm = dataset.normalization_of(train_cases)
   reader = dataset.RoiReader(config.data_dir)
   by_id = {c.case_id: c for c in selected}
@@ -77,6 +89,12 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> traine
   valid_input = input_pipeline.PatchInput(
       valid_cases, None, patches_per_epoch=config.valid_patches_per_epoch,
       max_objects=max_objects, validation=True, **common)
+  for name, pipe in (("train_patches_per_epoch", train_input),
+                     ("valid_patches_per_epoch", valid_input)):
+    try:
+      pipe.steps_per_epoch  # Checked now, not after the first epoch.
+    except ValueError as e:
+      raise ValueError(f"{e}; raise {name} or lower batch_size") from None
   return trainer.RunData(
       train=train_input, valid=valid_input, normalization=norm,
       validation_ap=(validation_ap_fn(config, valid_cases, cache, norm)

@@ -17,6 +17,7 @@ from typing import Iterator
 from midog_jax import dataset
 from midog_jax import detect
 from midog_jax import domain_matrix
+from midog_jax import files
 from midog_jax import metrics
 from midog_jax import patches
 from midog_jax import predictions
@@ -41,19 +42,35 @@ def _detections(run, cases, rois: patches.RoiCache, name: str, detector) -> dict
   `detector()` returns the run's `detect.Detector`, built only when needed.
   """
   folder = os.path.join(run.workdir, "predictions")
-  path, stamp_path = os.path.join(folder, f"{name}.json"), os.path.join(folder, f"{name}.stamp")
+  path, stamp_path = os.path.join(folder, f"{name}.json"), os.path.join(folder, f"{name}.stamp.json")
   um = {c.file_name: c.um_per_px for c in cases}
-  if os.path.exists(stamp_path) and open(stamp_path).read().strip() == str(run.step):
-    cached = predictions.read_predictions(path, um)
-    if set(cached) == set(um):
-      return {k: (v.xy, v.scores) for k, v in cached.items()}
+  stamp = _stamp(run, cases)
+  if os.path.exists(stamp_path) and os.path.exists(path):
+    try:
+      if files.read_json(stamp_path) == stamp:
+        cached = predictions.read_predictions(path, um)
+        if set(cached) == set(um):
+          return {k: (v.xy, v.scores) for k, v in cached.items()}
+    except (ValueError, predictions.PredictionError):
+      pass  # A damaged cache is made again.
   found = {name_: (xy, s) for name_, _, xy, s in detect.detect_all(
       detector(), ((c.file_name, rois.get(c.case_id)) for c in cases), len(cases))}
   os.makedirs(folder, exist_ok=True)
   predictions.write_predictions(path, found, um)
-  with open(stamp_path, "w") as f:
-    f.write(str(run.step))
+  files.write_json(stamp_path, stamp)  # After the predictions: a kill between leaves no stamp.
   return found
+
+
+def _stamp(run, cases) -> dict:
+  """What the cached predictions depend on: the checkpoint (step and commit
+  time), the detection settings and the cases."""
+  committed = os.path.join(run.workdir, "checkpoints", str(run.step))
+  c = run.config
+  return {"step": run.step, "committed_ns": os.stat(committed).st_mtime_ns,
+          "patch_size": c.patch_size, "model": c.model.to_dict(), "eval": {
+              k: c.eval[k] for k in ("score_threshold", "max_detections_per_window")},
+          "normalization": run.normalization.to_json(),
+          "cases": [[x.file_name, x.record.shard, x.record.offset] for x in cases]}
 
 
 def evaluate_run(workdir: str, rois: patches.RoiCache, train_cases, test_cases) -> dict:
@@ -75,8 +92,7 @@ def evaluate_run(workdir: str, rois: patches.RoiCache, train_cases, test_cases) 
                              threshold, [c.file_name for c in test_cases])
   result = {"experiment": meta["experiment"], "fold": meta["fold"], "checkpoint_step": run.step,
             "threshold": threshold, "valid_f1": valid_f1, "test": report}
-  with open(os.path.join(workdir, "evaluation.json"), "w", encoding="utf-8") as f:
-    json.dump(metrics.json_safe(result), f, indent=1)
+  files.write_json(os.path.join(workdir, "evaluation.json"), metrics.json_safe(result))
   return result
 
 
@@ -103,7 +119,6 @@ def evaluate_all(root: str, out_dir: str, data_dir: str | None = None,
                  for t, m in ev["test"]["tumor_types"].items()}
     results.append(domain_matrix.RunResult(ev["experiment"], ev["fold"], per_tumor))
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "runs.json"), "w", encoding="utf-8") as f:
-    json.dump(evaluations, f, indent=1)
+  files.write_json(os.path.join(out_dir, "runs.json"), evaluations)
   return [os.path.join(out_dir, "runs.json")] + list(
       domain_matrix.write_report(results, out_dir, compare_paper=compare_paper, folds=folds))

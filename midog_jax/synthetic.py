@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from midog_jax import annotations as annotations_lib
 from midog_jax import domains
+from midog_jax import files
 from midog_jax import roi_io
 
 # Nucleus radius (µm) and mean spacing between nuclei (µm) per tumour type:
@@ -282,8 +283,7 @@ def _write_json(path: str, cases: Sequence[annotations_lib.Case]) -> None:
                        "category_id": o.label, "image_id": c.id, "labels": list(o.votes),
                        "id": o.id} for c in cases for o in c.objects],
   }
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(data, f)
+  files.write_text(path, json.dumps(data))
 
 
 def _int(v: float) -> int | float:
@@ -296,8 +296,7 @@ def _write_csv(path: str, cases: Sequence[annotations_lib.Case]) -> None:
     d = domains.domain(c.domain)
     lines.append(";".join([str(c.id), c.split, d.tumor.csv_name, d.scanner.csv_name,
                            d.lab, d.species.capitalize()]))
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
+  files.write_text(path, "\n".join(lines) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -14,8 +15,10 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from midog_jax import checkpoints
 from midog_jax import run_data
 from midog_jax import trainer
+from midog_jax import workdir
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file with get_config(); fields overridable as --config.x=y.",
@@ -32,13 +35,18 @@ def main(argv):
   config = _CONFIG.value
   if not 0 <= config.fold < config.num_folds:
     raise app.UsageError(f"--config.fold={config.fold} is not in 0..{config.num_folds - 1}")
-  data = run_data.build(config)
   try:
+    data = run_data.build(config)
     summary = trainer.train(config, _WORKDIR.value, data).summary
   except trainer.TrainingDiverged as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
-  print(summary)
+  except (checkpoints.CheckpointError, workdir.WorkdirInUse, workdir.WorkdirMismatch,
+          FileNotFoundError, ValueError, OSError) as e:
+    absl_logging.debug("Traceback of the error:", exc_info=True)  # With --verbosity=1.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

@@ -28,12 +28,14 @@ from tqdm import tqdm
 from midog_jax import annotations
 from midog_jax import augment
 from midog_jax import checkpoints
+from midog_jax import files
 from midog_jax import losses
 from midog_jax import metric_writer
 from midog_jax import model as model_lib
 from midog_jax import normalization as normalization_lib
 from midog_jax import optim
 from midog_jax import steps
+from midog_jax import workdir as workdir_lib
 
 
 class TrainingDiverged(RuntimeError):
@@ -48,10 +50,13 @@ def augment_config(config: ml_collections.ConfigDict, enabled: bool = True) -> a
       contrast=tuple(a.contrast), p_lighting=a.p_lighting)
 
 
-def model_config(config: ml_collections.ConfigDict) -> model_lib.RetinaNetConfig:
+def model_config(config: ml_collections.ConfigDict,
+                 pretrained: bool = True) -> model_lib.RetinaNetConfig:
+  """The network of `config`; `pretrained=False` leaves out the body weights
+  (a resumed run restores every weight from its checkpoint)."""
   m = config.model
   return model_lib.RetinaNetConfig(levels=tuple(m.levels), num_classes=m.num_classes,
-                                   dtype=m.dtype, body_weights=m.body_weights)
+                                   dtype=m.dtype, body_weights=m.body_weights if pretrained else None)
 
 
 def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
@@ -151,23 +156,47 @@ class TrainResult:
   state: Any  # Final steps.TrainState (None when the run was already done).
 
 
+def _run_files(config, data: RunData) -> dict[str, Any]:
+  """What identifies the run; recorded at its first start, compared later."""
+  return {"config.json": json.loads(config.to_json_best_effort()), "cases.json": data.meta,
+          "normalization.json": data.normalization.to_json()}
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, data: RunData,
           mesh=None) -> TrainResult:
-  """Trains (or resumes) the run in `workdir`."""
+  """Trains (or resumes) the run in `workdir`, holding its lock meanwhile."""
+  workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  mesh = mesh or steps.make_mesh()
   lead = jax.process_index() == 0
+  lock = workdir_lib.Lock(workdir).acquire() if lead else None
+  try:
+    return _train(config, workdir, data, mesh or steps.make_mesh(), lead)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _floats(values: list[dict[str, jax.Array]]) -> list[dict[str, float]]:
+  return [{k: float(v) for k, v in m.items()} for m in jax.device_get(values)]
+
+
+def _train(config, workdir: str, data: RunData, mesh, lead: bool) -> TrainResult:
   norm = data.normalization
-  if lead:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=1))
-    norm.save(os.path.join(workdir, "normalization.json"))
-    with open(os.path.join(workdir, "cases.json"), "w", encoding="utf-8") as f:
-      json.dump(data.meta, f, indent=1)
+  run_files = _run_files(config, data)
+  changed = workdir_lib.check(workdir, run_files, config.get("resume_anyway", False))
+  if changed:
+    logging.warning("Continuing %s with changed settings: %s", workdir, "; ".join(changed))
 
   steps_per_epoch = data.train.steps_per_epoch
+  data.valid.steps_per_epoch  # A validation set too small for one batch fails here, not later.
   total_steps = steps_per_epoch * config.num_epochs
-  model = model_lib.build_model(model_config(config), seed=config.seed)
+  ckpt = checkpoints.RunCheckpoints(workdir)
+  fresh = ckpt.latest_step() is None
+  try:
+    model = model_lib.build_model(model_config(config, pretrained=fresh), seed=config.seed)
+  except BaseException:
+    ckpt.close()
+    raise
   tx = optim.make_optimizer(
       total_steps, max_lr=config.optim.max_lr, weight_decay=config.optim.weight_decay,
       b2=config.optim.b2, pct_start=config.optim.pct_start,
@@ -176,102 +205,118 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData,
   state = steps.replicate(state, mesh)
   del model
 
-  ckpt = checkpoints.RunCheckpoints(workdir)
-  restored = ckpt.restore(ckpt.latest, state)
-  step, best_ap, history = 0, None, {}
+  try:
+    restored = ckpt.restore(state)
+  except (ValueError, KeyError, TypeError) as e:
+    ckpt.close()
+    raise workdir_lib.WorkdirMismatch(
+        f"{workdir}: its checkpoint does not fit this configuration ({str(e)[:200]}); "
+        "use a new --workdir") from e
+  if lead:
+    workdir_lib.record(workdir, run_files)
+  step, best_ap, partial = 0, None, {}
   if restored is not None:
     state, meta = restored
-    step, best_ap = int(meta["step"]), meta.get("best_ap")
-    logging.warning("Resuming %s at step %d of %d.", workdir, step, total_steps)
+    step, best_ap, partial = int(meta["step"]), meta.get("best_ap"), meta.get("partial", {})
+    logging.info("Resuming %s at step %d of %d.", workdir, step, total_steps)
+  if lead:
+    metric_writer.truncate(workdir, step)  # Rows of epochs the checkpoint does not hold.
   if step >= total_steps:
     ckpt.close()
-    return TrainResult(_summary(workdir), state)
+    return TrainResult(_summary(workdir, write=lead), state)
 
   train_step = make_train_step(graphdef, tx, config, norm, mesh)
   eval_loss = make_eval_loss(graphdef, config, norm, mesh)
   writer = metric_writer.MetricWriter(workdir, enabled=lead)
   base_key = jax.random.key(config.seed)
   batches = data.train.batches(step)
-  pending: list[dict[str, jax.Array]] = []
-  epoch_losses: list[dict[str, jax.Array]] = []
+  # Losses of the epoch so far (kept across an interruption, so that a resumed
+  # run logs exactly the numbers of an uninterrupted one).
+  pending: list[dict[str, Any]] = [{k: np.float32(v) for k, v in m.items()}
+                                   for m in partial.get("pending", [])]
+  epoch_losses: list[dict[str, float]] = list(partial.get("epoch_losses", []))
   status = "finished"
   bar = tqdm(total=total_steps, initial=step, desc=os.path.basename(workdir.rstrip("/")),
              unit="step", disable=not lead, dynamic_ncols=True)
-  t_epoch = time.perf_counter()
-  with _StopFlag() as stop:
-    while step < total_steps:
-      batch = next(batches)
-      key = jax.random.fold_in(base_key, step)
-      state, metrics = train_step(state, batch, key)
-      pending.append(metrics)
-      step += 1
-      bar.update(1)
-      epoch_end = step % steps_per_epoch == 0
-      if step % config.log_every_steps == 0 or epoch_end or step == total_steps:
-        m = _mean(pending)
-        epoch_losses.append(m)
-        pending = []
-        if not all(np.isfinite(v) for v in m.values()):
-          status = "diverged"
+  t_epoch = time.perf_counter() - partial.get("seconds", 0.0)
+  try:
+    with _StopFlag() as stop:
+      while step < total_steps:
+        batch = next(batches)
+        key = jax.random.fold_in(base_key, step)
+        state, metrics = train_step(state, batch, key)
+        pending.append(metrics)
+        step += 1
+        bar.update(1)
+        epoch_end = step % steps_per_epoch == 0
+        if step % config.log_every_steps == 0 or epoch_end or step == total_steps:
+          m = _mean(pending)
+          epoch_losses.append(m)
+          pending = []
+          if not all(np.isfinite(v) for v in m.values()):
+            status = "diverged"
+            break
+          bar.set_postfix(loss=f"{m['loss']:.4f}")
+        if epoch_end or step == total_steps:
+          epoch = step // steps_per_epoch
+          record = {"epoch": epoch,
+                    "train_loss": float(np.mean([m["loss"] for m in epoch_losses])),
+                    "epoch_seconds": time.perf_counter() - t_epoch}
+          epoch_losses = []
+          val = _mean([eval_loss(state, b) for b in data.valid.batches(0, epochs=1)])
+          record["valid_loss"] = val.get("loss")
+          if data.validation_ap is not None and (
+              epoch % config.eval.every_epochs == 0 or step == total_steps):
+            record["valid_ap"] = float(data.validation_ap(graphdef, state))
+          if record.get("valid_ap") is not None and (best_ap is None or record["valid_ap"] > best_ap):
+            best_ap = record["valid_ap"]
+          # The row first, then the commit: a kill between them leaves a row
+          # past the checkpoint, which the resumed run drops (`truncate`).
+          writer.write(step, record)
+          ckpt.save(step, state, {"step": step, "best_ap": best_ap, **record})
+          t_epoch = time.perf_counter()
+        if stop.is_set():
+          status = "interrupted"
+          ckpt.save(step, state, {"step": step, "best_ap": best_ap, "partial": {
+              "pending": _floats(pending), "epoch_losses": epoch_losses,
+              "seconds": time.perf_counter() - t_epoch}})
           break
-        bar.set_postfix(loss=f"{m['loss']:.4f}")
-      if epoch_end or step == total_steps:
-        epoch = step // steps_per_epoch
-        record = {"epoch": epoch,
-                  "train_loss": float(np.mean([m["loss"] for m in epoch_losses])),
-                  "epoch_seconds": time.perf_counter() - t_epoch}
-        epoch_losses = []
-        val = _mean([eval_loss(state, b) for b in data.valid.batches(0, epochs=1)])
-        record["valid_loss"] = val.get("loss")
-        if data.validation_ap is not None and (
-            epoch % config.eval.every_epochs == 0 or step == total_steps):
-          record["valid_ap"] = float(data.validation_ap(graphdef, state))
-        improved = record.get("valid_ap") is not None and (
-            best_ap is None or record["valid_ap"] > best_ap)
-        if improved:
-          best_ap = record["valid_ap"]
-        meta = {"step": step, "epoch": epoch, "best_ap": best_ap, **record}
-        ckpt.save(ckpt.latest, step, state, meta)
-        if improved:
-          ckpt.save(ckpt.best, step, state, meta)
-        writer.write(step, record)
-        history = record
-        t_epoch = time.perf_counter()
-      if stop.is_set():
-        status = "interrupted"
-        ckpt.save(ckpt.latest, step, state, {"step": step, "best_ap": best_ap})
-        break
-  bar.close()
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
+  finally:
+    bar.close()
+    ckpt.close()
+    writer.close()
   if status == "diverged":
     raise TrainingDiverged(
         f"{workdir}: the loss is not finite at step {step}; stopping. The last good "
-        "checkpoint is in checkpoints/latest. Lower optim.max_lr or check the data.")
+        "checkpoint is kept in checkpoints/. Lower optim.max_lr or check the data.")
   if status == "interrupted":
     logging.warning("Interrupted at step %d; run the same command again to resume.", step)
     return TrainResult({"status": "interrupted", "step": step}, state)
-  return TrainResult(_summary(workdir, write=lead, last=history), state)
+  return TrainResult(_summary(workdir, write=lead), state)
 
 
-def _summary(workdir: str, write: bool = False, last: dict | None = None) -> dict[str, Any]:
+def _summary(workdir: str, write: bool = False) -> dict[str, Any]:
+  """The finished run's summary, derived from committed state only."""
   path = os.path.join(workdir, "summary.json")
-  if not write:
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        return json.load(f)
-    return {"status": "finished"}
-  history = metric_writer.read_metrics(workdir)
-  aps = [(r["valid_ap"], r["step"]) for r in history if r.get("valid_ap") is not None]
+  if os.path.exists(path):
+    return files.read_json(path)
+  ckpt = checkpoints.RunCheckpoints(workdir, read_only=True)
+  try:
+    last = ckpt.latest_step()
+    best = ckpt.best_step()
+    best_ap = ckpt.meta(best).get("valid_ap") if best is not None else None
+  finally:
+    ckpt.close()
+  history = [r for r in metric_writer.read_metrics(workdir) if last is None or r["step"] <= last]
   summary = {
       "status": "finished",
       "epochs": len(history),
-      "final": last or (history[-1] if history else {}),
-      "best_valid_ap": max(aps)[0] if aps else None,
-      "best_step": max(aps)[1] if aps else None,
+      "steps": last,
+      "final": history[-1] if history else {},
+      "best_valid_ap": best_ap,
+      "best_step": best,
       "train_seconds": float(sum(r.get("epoch_seconds", 0) for r in history)),
   }
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=1)
+  if write:
+    files.write_json(path, summary)
   return summary

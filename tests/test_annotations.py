@@ -71,6 +71,14 @@ def _broken(mutate):
     (lambda d: d["annotations"][2].update(image_id=9), "image_id 9 points to no image"),
     (lambda d: d["annotations"][2].update(category_id=3), "category_id 3"),
     (lambda d: d["images"][1].update(tumor_type="human melanoma"), "says 'canine lymphoma'"),
+    (lambda d: d["annotations"][0].update(bbox=[float("nan"), 20, 60, 70]), "bbox value nan is not a finite number"),
+    (lambda d: d["annotations"][0].update(bbox=["10", 20, 60, 70]), "bbox value '10' is not a finite number"),
+    (lambda d: d["images"][0].update(width="200"), r"images\[0\]: width '200' is not an integer"),
+    (lambda d: d["annotations"][0].update(id="a"), r"annotations\[0\] \(id a\): id 'a' is not an integer"),
+    (lambda d: d.update(annotations={}), "'annotations' must be a list of records, got {}"),
+    (lambda d: d.update(images=None), "'images' must be a list of records, got null"),
+    (lambda d: d["images"][2].update(file_name="001.tiff"), r"images\[2\]: file_name 001.tiff is also image 1"),
+    (lambda d: d["annotations"].append(7), r"annotations\[3\]: expected a JSON object, got int"),
 ])
 def test_malformed_json(tmp_path, mutate, message):
   j, c = _write(tmp_path, _broken(mutate))

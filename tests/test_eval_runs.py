@@ -74,15 +74,22 @@ def test_every_number_recomputes_from_per_case_counts(report):
 def test_predictions_are_cached_per_checkpoint(report, synthetic_data_dir, tmp_path):
   runs_root, _ = report
   run = runs_root / "all_domains" / "fold0"
-  stamp = run / "predictions" / "test.stamp"
+  stamp = run / "predictions" / "test.stamp.json"
   before = (run / "predictions" / "test.json").stat().st_mtime_ns
   assert eval_lib.main(["--runs", str(runs_root), "--out", str(tmp_path), "--data-dir",
                         synthetic_data_dir, "--folds", "0,1"]) == 0
   assert (run / "predictions" / "test.json").stat().st_mtime_ns == before
-  stamp.write_text("-1")  # As if another checkpoint had made them.
-  assert eval_lib.main(["--runs", str(runs_root), "--out", str(tmp_path), "--data-dir",
-                        synthetic_data_dir, "--folds", "0,1"]) == 0
-  assert (run / "predictions" / "test.json").stat().st_mtime_ns != before
+  # The same step number from another commit of the checkpoint (a run trained
+  # again), or other detection settings: the cache is not used.
+  for key, value in (("committed_ns", 1), ("eval", {"score_threshold": 0.5})):
+    recorded = json.loads(stamp.read_text())
+    stamp.write_text(json.dumps({**recorded, key: value}))
+    assert eval_lib.main(["--runs", str(runs_root), "--out", str(tmp_path), "--data-dir",
+                          synthetic_data_dir, "--folds", "0,1"]) == 0
+    after = (run / "predictions" / "test.json").stat().st_mtime_ns
+    assert after != before
+    before = after
+    assert json.loads(stamp.read_text()) == recorded
 
 
 def test_no_runs_is_a_clean_error(tmp_path, capsys):

@@ -25,18 +25,32 @@ def _args(out, preds, *extra):
           "--predictions", preds, "--split", "train", *extra]
 
 
+def _free_spot(case, gt):
+  """A point of the image beyond the matching radius of every figure, or None."""
+  grid = np.stack(np.meshgrid(np.arange(0, case.width, 4.0), np.arange(0, case.height, 4.0)),
+                  -1).reshape(-1, 2)
+  if not len(gt):
+    return grid[0]
+  gap = np.linalg.norm(grid[:, None] - gt[None], axis=-1).min(1)
+  return grid[gap.argmax()] if gap.max() > metrics.radius_px(case.um_per_px) + 1 else None
+
+
 def _write(path, cases, rng):
   """Finds each mitotic figure with a score in (0.5, 1) except every third
-  (score 0.4), plus one false positive per case with score 0.75."""
+  (score 0.4), plus one false positive per case with score 0.75 where a spot
+  of the image lies beyond the matching radius of every figure."""
   dets, expected = {}, {}
   for c in cases:
     gt = np.asarray([(o.x, o.y) for o in c.mitotic_figures]).reshape(-1, 2)
     scores = np.where(np.arange(len(gt)) % 3 == 2, 0.4, rng.uniform(0.8, 1.0, len(gt)))
-    far = (-500.0, -500.0)  # Outside the 128 x 96 px images, beyond any radius.
-    xy = np.concatenate([gt + rng.normal(0, 3, gt.shape), [far]])
-    dets[c.file_name] = (xy, np.append(scores, 0.75))
-    found = int((scores > 0.5).sum())
-    expected[c.file_name] = {"tp": found, "fp": 1, "fn": len(gt) - found}
+    xy = gt + rng.normal(0, 3, gt.shape)
+    spot = _free_spot(c, gt)
+    fp = int(spot is not None)
+    if fp:
+      xy, scores = np.concatenate([xy, [spot]]), np.append(scores, 0.75)
+    dets[c.file_name] = (xy, scores)
+    found = int((scores[:len(gt)] > 0.5).sum())
+    expected[c.file_name] = {"tp": found, "fp": fp, "fn": len(gt) - found}
   predictions_lib.write_predictions(path, dets, {c.file_name: c.um_per_px for c in cases})
   return expected
 
@@ -75,10 +89,15 @@ def test_choose_threshold_on_validation_file(dataset, tmp_path, capsys):
   _write(tmp_path / "p.json", cases, rng)
   # Validation: every figure found at 0.9, one false positive at 0.77 each,
   # so the best pooled F1 (1.0) starts at 0.77.
-  val = {}
+  val, fps = {}, 0
   for c in cases[:6]:
     gt = np.asarray([(o.x, o.y) for o in c.mitotic_figures]).reshape(-1, 2)
-    val[c.file_name] = (np.concatenate([gt, [[-500.0, -500.0]]]), np.append(np.full(len(gt), 0.9), 0.77))
+    spot = _free_spot(c, gt)
+    fps += spot is not None
+    extra = [] if spot is None else [spot]
+    val[c.file_name] = (np.concatenate([gt, np.reshape(extra, (-1, 2))]),
+                        np.append(np.full(len(gt), 0.9), [0.77] * len(extra)))
+  assert fps
   predictions_lib.write_predictions(tmp_path / "v.json", val,
                                     {c.file_name: c.um_per_px for c in cases})
   assert eval_lib.main(_args(out, str(tmp_path / "p.json"),
@@ -103,6 +122,42 @@ def test_table_and_errors(dataset, tmp_path, capsys):
   assert str(bad) in err and "001.tiff" in err
   with pytest.raises(SystemExit):
     eval_lib.main(_args(out, str(bad), "--threshold", "0.5", "--choose-threshold-on", str(bad)))
+
+
+@pytest.mark.parametrize("point,message", [
+    ({"name": "mitotic figure", "point": [-0.1, 0.01, 0], "probability": 0.9}, "negative coordinates"),
+    ({"name": "mitotic figure", "point": [0.01, 0.01, 0], "probability": -1}, "outside [0, 1]"),
+    ({"name": "mitotic figure", "point": [0.01, 0.01, 0], "probability": 1.5}, "outside [0, 1]"),
+    ({"name": "mitotic figure", "point": [64, 48, 0], "probability": 0.9}, "not pixels"),
+    ({"name": "mitotic figure", "point": [0.01, "x", 0]}, "is not a finite number"),
+])
+def test_bad_points_are_one_line_naming_the_record(dataset, tmp_path, capsys, point, message):
+  out, cases = dataset
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps({cases[0].file_name: {"points": [point]}}))
+  assert eval_lib.main(_args(out, str(bad))) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and str(bad) in err and cases[0].file_name in err
+  assert message in err
+
+
+def test_names_thresholds_and_folders(dataset, tmp_path, capsys, caplog):
+  out, cases = dataset
+  c = cases[0]
+  x, y = (v * c.um_per_px / 1000 for v in (c.width / 2, c.height / 2))
+  preds = tmp_path / "p.json"
+  preds.write_text(json.dumps({c.file_name: {"points": [
+      {"name": "Mitotic Figure", "point": [x, y, 0], "probability": 0.9},
+      {"name": "non-mitotic figure", "point": [x, y, 0], "probability": 0.9}]}}))
+  dets = predictions_lib.read_predictions(preds, {c.file_name: c.um_per_px})
+  assert len(dets[c.file_name].scores) == 1  # Any capitalisation counts.
+  assert "left out 1 point(s) not named 'mitotic figure'" in caplog.text
+  for value in ("nan", "1.5", "-0.1"):
+    with pytest.raises(SystemExit):
+      eval_lib.main(_args(out, str(preds), "--threshold", value))
+    assert "--threshold" in capsys.readouterr().err
+  assert eval_lib.main(_args(out, str(tmp_path))) == 2
+  assert "is a folder" in capsys.readouterr().err
 
 
 def test_missing_case_counts_as_empty(dataset, tmp_path, capsys):

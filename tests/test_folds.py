@@ -172,3 +172,24 @@ def test_count_bins_ties():
   splits = folds_lib.folds(cases, "all")
   assert sorted(sum((v for _, v in splits), [])) == sorted(
       c.file_name for c in cases)
+
+
+def test_num_folds_and_seed_are_used():
+  from sklearn.model_selection import StratifiedKFold
+  cases = [_case(i, mitoses=i) for i in range(1, 13)]
+  three = folds_lib.folds(cases, "all", num_folds=3, seed=7)
+  assert len(three) == 3
+  bins = folds_lib.count_bins(list(range(1, 13)))
+  names = [c.file_name for c in sorted(cases, key=lambda c: c.id)]
+  expected = [[names[i] for i in v] for _, v in
+              StratifiedKFold(3, shuffle=True, random_state=7).split(np.zeros(12), bins)]
+  assert [v for _, v in three] == expected
+  assert folds_lib.folds(cases, "all", 3, 8) != three
+  assert folds_lib.fold(cases, "all", 2, num_folds=3, seed=7) == three[2]
+  with pytest.raises(ValueError, match=r"fold must be in 0..2"):
+    folds_lib.fold(cases, "all", 3, num_folds=3)
+  with pytest.raises(ValueError, match="at least 13.*lower num_folds"):
+    folds_lib.folds(cases, "all", num_folds=13)
+  # Every tertile smaller than the fold count: a message, not scikit-learn's.
+  with pytest.raises(ValueError, match="cannot be stratified into 5 folds.*lower num_folds"):
+    folds_lib.folds([_case(i, mitoses=i) for i in range(1, 7)], "all")

@@ -118,3 +118,14 @@ def test_normalization_from_tissue_statistics(train_cases):
 def test_bad_batch_size(data_dir, train_cases):
   with pytest.raises(ValueError, match="does not divide"):
     _input(data_dir, train_cases, 4, global_batch_size=6)
+
+
+def test_run_settings_are_checked_before_training(data_dir):
+  from midog_jax import run_data
+  from tests.train_fixtures import tiny_config
+  with pytest.raises(ValueError, match=r"patch_size 256 is larger than every image.*160 x 120"):
+    run_data.build(tiny_config(data_dir, patch_size=256))
+  with pytest.raises(ValueError, match=r"valid_patches_per_epoch"):
+    run_data.build(tiny_config(data_dir, valid_patches_per_epoch=4))
+  with pytest.raises(ValueError, match=r"lower num_folds"):
+    run_data.build(tiny_config(data_dir, num_folds=11))

@@ -6,6 +6,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -118,10 +119,27 @@ def test_images_directly_in_manual_dir(small_manual, tmp_path):
   assert builder.info.splits["train"].num_examples == 10
 
 
-def test_missing_tiff(small_manual, tmp_path):
-  (small_manual / "images" / "004.tiff").unlink()
-  with pytest.raises(roi_io.RoiError, match="004.tiff: image file not found"):
+def test_missing_tiffs_are_listed_at_once_before_any_work(small_manual, tmp_path):
+  for name in ("004.tiff", "009.tiff"):
+    (small_manual / "images" / name).unlink()
+  with pytest.raises(FileNotFoundError, match=r"2 of 10 images are missing in .*images: "
+                     r"004.tiff, 009.tiff\. Download them"):
     _build(small_manual, tmp_path)
+  assert not (tmp_path / "data" / "midogpp" / "1.0.0").exists()
+
+
+def test_offline_without_annotation_files_fails_within_seconds(small_manual, tmp_path, monkeypatch):
+  import socket
+  with socket.socket() as s:  # A port on this machine that nothing listens on.
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  monkeypatch.setattr(builder_lib, "ANNOTATIONS_URL", f"http://127.0.0.1:{port}/MIDOG%2B%2B.json")
+  (small_manual / "MIDOG++.json").unlink()
+  t = time.perf_counter()
+  with pytest.raises(ConnectionError, match=r"cannot reach 127.0.0.1.*put both files in the "
+                     r"manual folder"):
+    _build(small_manual, tmp_path)
+  assert time.perf_counter() - t < 30
 
 
 def test_truncated_tiff(small_manual, tmp_path):
@@ -141,3 +159,16 @@ def test_size_differs_from_annotations(small_manual, tmp_path):
   roi_io.write_roi(small_manual / "images" / "004.tiff", np.zeros((70, 96, 3), np.uint8), 0.25)
   with pytest.raises(roi_io.RoiError, match="004.tiff: image is 96 x 70 px but the annotations say 96 x 72"):
     _build(small_manual, tmp_path)
+
+
+def test_tfds_command_line_errors_are_one_line(small_manual, tmp_path):
+  (small_manual / "images" / "007.tiff").unlink()
+  tfds_cli = pathlib.Path(sys.executable).parent / "tfds"
+  proc = subprocess.run(
+      [str(tfds_cli), "build", "midogpp", "--imports", "tfds_midogpp",
+       "--manual_dir", str(small_manual), "--data_dir", str(tmp_path / "data")],
+      capture_output=True, text=True, env=env_without_accelerators(), timeout=600)
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      "error: 1 of 10 images are missing in ") and "007.tiff" in proc.stderr

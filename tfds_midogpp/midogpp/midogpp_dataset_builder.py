@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import socket
+import sys
+import urllib.parse
 
 import numpy as np
 import tensorflow as tf
@@ -25,6 +28,7 @@ MAX_VOTES = 3  # Two experts, plus a third where they disagreed.
 # zlib level 1: 5x faster to encode than the default, 7 % larger, decodes
 # as fast (measured on full-size ROIs, see README.md).
 PNG_COMPRESSION = 1
+CONNECT_TIMEOUT_S = 10
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -72,17 +76,52 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     manual = dl_manager.manual_dir
     images = manual / "images" if (manual / "images").is_dir() else manual
     local = {"annotations": manual / ANNOTATIONS_FILE, "splits": manual / SPLITS_FILE}
-    if not all(p.exists() for p in local.values()):
-      local = dl_manager.download({"annotations": ANNOTATIONS_URL, "splits": SPLITS_URL})
-    cases = annotations_lib.load_cases(os.fspath(local["annotations"]),
-                                       os.fspath(local["splits"]))
+    try:
+      if not all(p.exists() for p in local.values()):
+        _check_reachable(ANNOTATIONS_URL, manual)
+        local = dl_manager.download({"annotations": ANNOTATIONS_URL, "splits": SPLITS_URL})
+      cases = annotations_lib.load_cases(os.fspath(local["annotations"]),
+                                         os.fspath(local["splits"]))
+      missing = [c.file_name for c in cases if not (images / c.file_name).exists()]
+      if missing:  # All at once, before hours of work, not one by one.
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(cases)} images are missing in {images}: "
+            f"{', '.join(missing)}. Download them from the MIDOG++ figshare collection "
+            "into that folder and run the build again.")
+    except (ConnectionError, FileNotFoundError, annotations_lib.AnnotationError) as e:
+      _stop(e)
     by_split = {s: [c for c in cases if c.split == s] for s in annotations_lib.SPLITS}
     # A partial annotation set (e.g. a subset of cases) may lack a split.
     return {s: self._generate_examples(images, cs) for s, cs in by_split.items() if cs}
 
   def _generate_examples(self, images, cases):
     for case in cases:
-      yield case.file_name, example(os.fspath(images / case.file_name), case)
+      try:
+        ex = example(os.fspath(images / case.file_name), case)
+      except roi_io.RoiError as e:
+        _stop(e)
+      yield case.file_name, ex
+
+
+def _stop(error: Exception):
+  """Raises `error`; under the `tfds` command line, as one line without a
+  traceback (SystemExit passes through TFDS and prints only its message)."""
+  if os.path.basename(sys.argv[0]) == "tfds":
+    raise SystemExit(f"error: {error}") from None
+  raise error
+
+
+def _check_reachable(url: str, manual) -> None:
+  """Fails within seconds, not after minutes of retries, when offline."""
+  parsed = urllib.parse.urlparse(url)
+  port = parsed.port or (443 if parsed.scheme == "https" else 80)
+  try:
+    socket.create_connection((parsed.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+  except OSError as e:
+    raise ConnectionError(
+        f"cannot reach {parsed.hostname} to download {ANNOTATIONS_FILE} and {SPLITS_FILE} "
+        f"({e}); put both files in the manual folder ({manual}) and run the build again"
+    ) from None
 
 
 def example(path: str, case: annotations_lib.Case) -> dict:

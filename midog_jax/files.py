@@ -1,0 +1,46 @@
+"""Files written whole or not at all: write to a temporary name, then rename.
+
+A kill at any instant leaves either the old file or the new one, never a
+half-written one (rename is atomic within a file system).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+from etils import epath
+
+
+def write_text(path: epath.PathLike, text: str) -> None:
+  """Replaces `path` with `text` atomically (local paths and gs:// alike)."""
+  path = epath.Path(path)
+  tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+  try:
+    if "://" not in str(path):
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # The data is on disk before the name points at it.
+    else:
+      tmp.write_text(text)
+    tmp.replace(path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def write_json(path: epath.PathLike, obj: Any, indent: int | None = 1) -> None:
+  """`json.dump` to `path` atomically."""
+  write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def read_json(path: epath.PathLike) -> Any:
+  """The JSON in `path`; a parse error names the file."""
+  path = epath.Path(path)
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
