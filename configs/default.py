@@ -15,8 +15,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.experiment = "all_domains"
   config.tumor_types = "all"
   config.fold = 0
-  config.num_folds = 5
+  config.num_folds = 5  # The reference's StratifiedKFold(5, shuffle=True, random_state=42).
   config.fold_seed = 42
+  # A workdir refuses a configuration that changes its run; True continues anyway.
+  config.resume_anyway = False
   config.seed = 0
 
   # Sampling: the reference's patch counts per epoch.
@@ -34,7 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.levels = (4,)  # Stride-16 level: `sizes=[32]` at 512 px.
   config.model.num_classes = 2  # Column 1 is never positive, as the reference.
   config.model.dtype = "float32"  # "bfloat16" on accelerators.
-  config.model.body_weights = ml_collections.FieldReference(None, field_type=str)  # ImageNet .npz.
+  # torchvision's ImageNet weights, as the reference (fetched once, see
+  # midog_jax/weights.py); a .safetensors/.npz path; or "none" (from scratch).
+  config.model.body_weights = "imagenet"
 
   config.loss = ml_collections.ConfigDict()
   config.loss.focal = "reference"  # 0.75 positives / 0.25 negatives; or "standard".
@@ -57,27 +61,43 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment.brightness = (0.25, 0.75)
   config.augment.contrast = (0.5, 2.0)
   config.augment.p_lighting = 0.5
+  # Targets: figures whose centre is in the patch, as the reference. True also
+  # labels those of the crop's margin that rotation and warping bring into view.
+  config.augment.margin_targets = False
 
-  # Full-ROI validation for model selection (AP of mitotic figures).
+  # Model selection: the epoch with the best validation AP is kept.
   config.eval = ml_collections.ConfigDict()
   config.eval.every_epochs = 1  # 0: no AP (and no best checkpoint).
-  config.eval.score_threshold = 0.05  # Detections kept for AP.
+  # "reference": the reference's Pascal VOC AP (IoU 0.3) on each epoch's freshly
+  # drawn validation patches (midog_jax/selection.py); "roi_ap": this project's
+  # alternative, the scorer's AP on the full validation ROIs.
+  config.eval.selection = "reference"
+  # Detections kept per window for prediction files and "roi_ap": the
+  # reference's detect_thresh, so AP is computed on what the paper's AP saw.
+  config.eval.score_threshold = 0.5
   config.eval.max_detections_per_window = 100
+  # Windows overlap by 10 % (the reference's, at 512 px) but at least this many
+  # px (one box), so that below 512 px a figure on an edge is whole in a window.
+  config.eval.window_min_overlap = 50
   config.eval.batch_size = 16
 
   config.log_every_steps = 10
   return config
 
 
-def for_accelerator(config: ml_collections.ConfigDict, batch_size: int,
+def for_accelerator(config: ml_collections.ConfigDict, batch_size: int | None = None,
                     dtype: str = "bfloat16") -> ml_collections.ConfigDict:
-  """Larger batch, learning rate by the square-root rule, bf16 compute.
+  """bf16 compute (float32 parameters); optionally a larger batch.
 
+  Without `batch_size` the reference's batch and learning rate are kept: the
+  paper's protocol. With it, the learning rate grows by the square-root rule:
   Adam-family optimisers keep their training dynamics when the learning rate
   grows with the square root of the batch (Malladi et al., NeurIPS 2022,
   "On the SDEs and scaling rules for adaptive gradient algorithms"); epochs
-  keep the reference's patch counts, so they take fewer, larger steps.
+  keep the reference's patch counts, so they take fewer, larger steps. That
+  changes BatchNorm statistics and the optimisation: not the paper's protocol.
   """
+  batch_size = batch_size or config.batch_size
   scale = (batch_size / config.batch_size) ** 0.5
   config.optim.max_lr *= scale
   if config.optim.discriminative is not None:

@@ -18,6 +18,7 @@ def get_config():
   config.cache_bytes = 1 << 30
   config.stream_window = 1
   config.optim.max_lr = 1e-3
+  config.model.body_weights = "none"  # From scratch: no download for the demo.
   config.eval.batch_size = 8
   config.log_every_steps = 5
   # The synthetic MIDOG++ that `python -m midog_jax.demo` writes and builds.

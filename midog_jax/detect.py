@@ -107,10 +107,11 @@ class Detector:
         self.threshold, mesh=mesh)
     self._weights = steps.replicate((run.params, run.batch_stats), mesh)
     self.progress = progress  # A bar over each image's windows.
+    self.min_overlap = run.config.eval.get("window_min_overlap", inference.MIN_OVERLAP)
 
   def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return inference.detect_image(image, self._fn, *self._weights, self.patch, self.batch_size,
-                                  progress=self.progress)
+                                  min_overlap=self.min_overlap, progress=self.progress)
 
 
 def detect_all(detector: Detector, items: Iterable[tuple[str, np.ndarray]], total: int | None = None
@@ -203,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   detector = Detector(run, args.min_score, args.batch_size, progress=True)
   operating, source = operating_point(run, args.threshold)
-  print(f"operating point {operating:.2f} ({source}) for GeoJSON and overlays; the MIDOG JSON "
+  print(f"operating point {operating:g} ({source}) for GeoJSON and overlays; the MIDOG JSON "
         f"keeps every detection above {detector.threshold:g} with its probability")
   found = {}
   for name, image, xy, scores in detect_all(detector, items, total):

@@ -22,7 +22,8 @@ from midog_jax import domains
 from midog_jax import folds as folds_lib
 
 PLANS = ("single_domain", "leave_one_out", "all", "paper")
-HARDWARE = ("cpu", "gpu", "tpu")
+# gpu/tpu keep the paper's protocol (batch 12, bf16); *_large_batch do not.
+HARDWARE = ("cpu", "gpu", "tpu", "gpu_large_batch", "tpu_large_batch")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -38,6 +38,7 @@ from midog_jax.normalization import Normalization
 PAD_VALUE = 255
 DISTANCE_RADIUS = 25.0  # Whole-image suppression radius, pixels.
 NMS_IOU = 0.4
+MIN_OVERLAP = 50  # px: one annotation box.
 
 # forward(params, batch_stats, images) -> (logits [B, A, C], deltas [B, A, 4],
 # anchors [A, 4] as (cy, cx, h, w) in [-1, 1]); traced inside the detector.
@@ -53,15 +54,17 @@ def _axis_origins(size: int, patch: int, stride: int) -> list[int]:
 
 
 def window_origins(width: int, height: int, patch: int,
-                   overlap: float = 0.1) -> np.ndarray:
+                   overlap: float = 0.1, min_overlap: int = MIN_OVERLAP) -> np.ndarray:
   """Top-left corners (x0, y0) of the windows covering an image, [N, 2].
 
   The stride is int(patch * (1 - overlap)), 460 at 512 px with 10 %
-  overlap; the last window of each axis is moved back to end exactly at the
-  border. An axis shorter than a window gets one window at 0, which
+  overlap, but at most patch - min_overlap: below the reference's 512 px
+  the overlap stays at least one box (50 px), so a figure on a window edge
+  is whole in a neighbouring window. The last window of each axis is moved
+  back to end exactly at the border. An axis shorter than a window gets one window at 0, which
   `crop_windows` pads. Order: row-major (y outer, x inner).
   """
-  stride = int(patch * (1 - overlap))
+  stride = min(int(patch * (1 - overlap)), patch - min_overlap)
   if patch <= 0 or stride <= 0:
     raise ValueError(f"bad patch {patch} or overlap {overlap}")
   if width <= 0 or height <= 0:
@@ -278,7 +281,8 @@ def suppress_by_distance(xy: np.ndarray, scores: np.ndarray,
 
 def detect_image(image: np.ndarray, detect_fn: Callable[..., Detections],
                  params: Any, batch_stats: Any, patch: int, batch_size: int,
-                 *, overlap: float = 0.1, threshold: float | None = None,
+                 *, overlap: float = 0.1, min_overlap: int = MIN_OVERLAP,
+                 threshold: float | None = None,
                  radius: float = DISTANCE_RADIUS, pad_value: int = PAD_VALUE,
                  progress: bool = True
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -294,7 +298,7 @@ def detect_image(image: np.ndarray, detect_fn: Callable[..., Detections],
   if getattr(detect_fn, "patch", patch) != patch:
     raise ValueError(f"detector built for {detect_fn.patch} px, not {patch}")
   h, w = image.shape[:2]
-  origins = window_origins(w, h, patch, overlap)
+  origins = window_origins(w, h, patch, overlap, min_overlap)
   kwargs = {} if threshold is None else {"threshold": threshold}
   outputs = []
   with tqdm(total=len(origins), unit="window", disable=not progress,

@@ -271,6 +271,10 @@ def summarize(cases: Sequence[ScoredCase], groups: Sequence[str],
               threshold: float, names: Sequence[str] | None = None) -> dict:
   """Per-case counts and per-group / overall precision, recall, F1 and AP.
 
+  A metric whose denominator is zero (precision without detections, recall
+  without figures, F1 with neither) is NaN: "n/a" in tables, grey in
+  heatmaps, null in JSON.
+
   Args:
     cases: the scored cases.
     groups: one group name (tumour type) per case.
@@ -286,8 +290,11 @@ def summarize(cases: Sequence[ScoredCase], groups: Sequence[str],
   def metrics(sel: Callable[[int], bool]) -> dict:
     idx = [i for i in range(len(cases)) if sel(i)]
     c = pool(counts[i] for i in idx)
-    return {"tp": c.tp, "fp": c.fp, "fn": c.fn, "precision": c.precision,
-            "recall": c.recall, "f1": c.f1,
+    nan = float("nan")  # Undefined (0 / 0): shown as n/a, never as a score.
+    return {"tp": c.tp, "fp": c.fp, "fn": c.fn,
+            "precision": c.precision if c.tp + c.fp else nan,
+            "recall": c.recall if c.tp + c.fn else nan,
+            "f1": c.f1 if 2 * c.tp + c.fp + c.fn else nan,
             "ap": _ap_pooled([ap_parts[i] for i in idx],
                              sum(len(cases[i].gt) for i in idx))}
 

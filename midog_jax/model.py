@@ -37,7 +37,8 @@ class RetinaNetConfig:
   class_bias: float = -4.0
   dtype: str = "float32"  # Compute dtype, e.g. "bfloat16" on accelerators.
   build_all_levels: bool = False  # Build P3..P7 convs even if unused.
-  body_weights: str | None = None  # .npz from `midog_jax.weights convert`.
+  # "imagenet" (torchvision's, fetched), a .safetensors/.npz path, or None/"none".
+  body_weights: str | None = None
 
   @property
   def num_anchors(self) -> int:
@@ -260,7 +261,8 @@ def build_model(config: RetinaNetConfig = RetinaNetConfig(),
                 seed: int = 0) -> RetinaNet:
   """A RetinaNet, with the body's ImageNet weights if the config names them."""
   model = RetinaNet(config, rngs=nnx.Rngs(seed))
-  if config.body_weights:
-    from midog_jax import weights  # Imported here: weights imports this module.
-    weights.load_body_weights(model, config.body_weights)
+  from midog_jax import weights  # Imported here: weights imports this module.
+  path = weights.resolve(config.body_weights)
+  if path:
+    weights.load_body_weights(model, path)
   return model

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from midog_jax import annotations
 from midog_jax import augment
 from midog_jax import dataset
 from midog_jax import folds as folds_lib
@@ -21,6 +22,7 @@ from midog_jax import inference
 from midog_jax import input_pipeline
 from midog_jax import metrics
 from midog_jax import patches
+from midog_jax import selection
 from midog_jax import trainer
 
 
@@ -35,7 +37,8 @@ def validation_ap_fn(config: ml_collections.ConfigDict, cases, cache: patches.Ro
   batch = max(local_mesh.size, config.eval.batch_size // local_mesh.size * local_mesh.size)
   detectors = {}
 
-  def validation_ap(graphdef, state) -> float:
+  def validation_ap(graphdef, state, epoch: int = 0) -> float:
+    del epoch  # The same full ROIs every epoch.
     if "fn" not in detectors:
       detectors["fn"] = inference.make_detector(
           graphdef, normalization, config.patch_size, config.eval.max_detections_per_window,
@@ -45,7 +48,7 @@ def validation_ap_fn(config: ml_collections.ConfigDict, cases, cache: patches.Ro
     for c in cases:
       xy, scores = inference.detect_image(
           cache.get(c.case_id), detectors["fn"], *local, config.patch_size, batch,
-          progress=False)
+          min_overlap=config.eval.window_min_overlap, progress=False)
       scored.append(metrics.ScoredCase(c.mitotic_figures, xy, scores, c.um_per_px))
     ap = metrics.average_precision(scored)
     return 0.0 if np.isnan(ap) else ap
@@ -61,6 +64,53 @@ def check_patch_size(patch_size: int, cases) -> None:
         f"patch_size {patch_size} is larger than every image of the experiment (the largest "
         f"is {largest.width} x {largest.height} px); choose patch_size <= "
         f"{min(largest.width, largest.height)}")
+
+
+_SELECTION_STREAM = 2  # Seeds the selection patches apart from training's.
+
+
+def reference_selection_fn(config: ml_collections.ConfigDict, cases, cache: patches.RoiCache,
+                           normalization, mesh: Mesh | None, max_objects: int):
+  """(graphdef, state, epoch) -> the reference's AP on this epoch's validation patches.
+
+  As the reference's `PascalVOCMetricByDistance` (see `selection`): patches
+  drawn afresh each epoch by the guided sampler, detections of the centre
+  patch, Pascal VOC AP at IoU 0.3 pooled over the epoch's patches.
+  """
+  seed = int(np.random.SeedSequence(config.seed, spawn_key=(_SELECTION_STREAM,))
+             .generate_state(1)[0] >> 1)
+  pipe = input_pipeline.PatchInput(
+      cases, None, patch_size=config.patch_size,
+      patches_per_epoch=config.valid_patches_per_epoch, global_batch_size=config.batch_size,
+      seed=seed, guided_fraction=config.guided_fraction, mesh=mesh, cache=cache, prefetch=0,
+      window=config.stream_window, max_objects=max_objects)
+  margin = (pipe.crop_size - config.patch_size) / 2
+  fns = {}
+
+  def selection_ap(graphdef, state, epoch: int = 0) -> float:
+    if "fn" not in fns:
+      fns["fn"] = trainer.make_patch_detector(graphdef, config, normalization, pipe.mesh)
+    per_epoch = pipe.steps_per_epoch
+    entries = []
+    for host in pipe.host_batches(epoch * per_epoch, epochs=epoch + 1):
+      boxes, scores = fns["fn"](state, pipe.to_global(host))
+      boxes, scores = _all_hosts(boxes), _all_hosts(scores)
+      centers, labels, valid = (_all_hosts(host[k]) for k in ("centers", "labels", "valid"))
+      for b in range(len(scores)):
+        mitotic = valid[b] & (labels[b] == annotations.MITOTIC_FIGURE)
+        gt = selection.ground_truth_boxes(centers[b][mitotic] - margin, config.patch_size)
+        entries.append(selection.patch_entry(boxes[b], scores[b], gt))
+    return selection.voc_ap(entries)
+
+  return selection_ap
+
+
+def _all_hosts(x) -> np.ndarray:
+  """Every host's rows (a global array, or this host's NumPy rows), in order."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> trainer.RunData:
@@ -95,9 +145,16 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> traine
       pipe.steps_per_epoch  # Checked now, not after the first epoch.
     except ValueError as e:
       raise ValueError(f"{e}; raise {name} or lower batch_size") from None
+  selection_fns = {
+      "reference": lambda: reference_selection_fn(config, valid_cases, cache, norm, mesh,
+                                                  max_objects),
+      "roi_ap": lambda: validation_ap_fn(config, valid_cases, cache, norm)}
+  if config.eval.selection not in selection_fns:
+    raise ValueError(f"eval.selection {config.eval.selection!r}: expected one of "
+                     f"{sorted(selection_fns)}")
   return trainer.RunData(
       train=train_input, valid=valid_input, normalization=norm,
-      validation_ap=(validation_ap_fn(config, valid_cases, cache, norm)
+      validation_ap=(selection_fns[config.eval.selection]()
                      if config.eval.every_epochs > 0 else None),
       meta={"experiment": config.experiment, "fold": config.fold,
             "tumor_types": config.tumor_types,

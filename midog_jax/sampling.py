@@ -129,7 +129,7 @@ def _sample(cases: Sequence[SampledCase], patches: int, patch_size: int,
   rand_y = rng.integers(0, max_y + 1)
   coin = rng.random(k)
   pick = rng.random(k)
-  offset = rng.integers(0, patch_size, size=(k, 2))
+  offset = rng.integers(0, patch_size, size=(k, 2), endpoint=True)  # randint(0, P): inclusive.
   order = rng.permutation(k)
 
   is_guided = (n_mitotic > 0) & (coin >= 1.0 - guided_fraction)

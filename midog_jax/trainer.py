@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from midog_jax import annotations
 from midog_jax import augment
+from midog_jax import boxes as box_lib
 from midog_jax import checkpoints
 from midog_jax import files
 from midog_jax import losses
@@ -63,9 +64,19 @@ def loss_config(config: ml_collections.ConfigDict) -> losses.LossConfig:
   return losses.LossConfig(gamma=config.loss.gamma, focal=config.loss.focal)
 
 
-def _targets(batch, patch_size, norm, aug, dtype, key):
-  """Device-side augmentation; only mitotic figures are training targets."""
+def _targets(batch, patch_size, norm, aug, dtype, key, margin_targets=False):
+  """Device-side augmentation; only mitotic figures are training targets.
+
+  As the reference, only figures whose centre lies strictly inside the patch
+  are targets; `margin_targets` also keeps those of the crop's margin, which
+  rotation and warping can bring into view (the reference pads with a
+  reflection there instead of real tissue).
+  """
   mitotic = batch["valid"] & (batch["labels"] == annotations.MITOTIC_FIGURE)
+  if not margin_targets:
+    margin = (batch["crops"].shape[1] - patch_size) / 2
+    c = batch["centers"]
+    mitotic &= ((c > margin) & (c < margin + patch_size)).all(-1)
   return augment.augment_batch(
       key, batch["crops"], batch["centers"], mitotic, patch_size=patch_size,
       mean=jnp.asarray(norm.unit_mean), std=jnp.asarray(norm.unit_std), config=aug,
@@ -77,8 +88,11 @@ def make_train_step(graphdef, tx, config, norm, mesh) -> Callable:
   inner = steps.make_train_step(graphdef, tx, loss_config(config), mesh=None, donate=False)
   aug, dtype = augment_config(config), jnp.dtype(config.model.dtype)
 
+  margin_targets = config.augment.get("margin_targets", False)
+
   def step(state, batch, key):
-    images, boxes, valid = _targets(batch, config.patch_size, norm, aug, dtype, key)
+    images, boxes, valid = _targets(batch, config.patch_size, norm, aug, dtype, key,
+                                    margin_targets)
     return inner(state, images, boxes, valid)
 
   rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P(steps.DATA_AXIS))
@@ -103,6 +117,26 @@ def make_eval_loss(graphdef, config, norm, mesh) -> Callable:
 
   rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P(steps.DATA_AXIS))
   return jax.jit(eval_loss, in_shardings=(rep, dat), out_shardings=rep)
+
+
+def make_patch_detector(graphdef, config, norm, mesh) -> Callable:
+  """`detect(state, batch) -> (boxes [B, A, 4], scores [B, A])` on the centre
+  patches of a batch (no augmentation, eval-mode BatchNorm): every anchor's
+  decoded box (x1, y1, x2, y2) in patch pixels, clamped to the patch, and its
+  score (max over the sigmoid class columns), for `selection`."""
+  aug, dtype = augment_config(config, enabled=False), jnp.dtype(config.model.dtype)
+
+  def detect(state, batch):
+    images, _, _ = _targets(batch, config.patch_size, norm, aug, dtype, jax.random.key(0))
+    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    logits, deltas = model(images, train=False)
+    hw = images.shape[1:3]
+    anchors = jnp.asarray(model.anchors(hw))
+    boxes = box_lib.cthw_to_xyxy(box_lib.decode(deltas.astype(jnp.float32), anchors), hw)
+    return boxes, steps.scores(logits.astype(jnp.float32))
+
+  rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P(steps.DATA_AXIS))
+  return jax.jit(detect, in_shardings=(rep, dat), out_shardings=(dat, dat))
 
 
 class _StopFlag:
@@ -146,7 +180,8 @@ class RunData:
   train: Any  # input_pipeline.PatchInput, training plans.
   valid: Any  # input_pipeline.PatchInput, the fixed validation patches.
   normalization: normalization_lib.Normalization
-  validation_ap: Callable[[Any, Any], float] | None  # (graphdef, state) -> AP.
+  # (graphdef, state, epoch) -> the selection metric (see `eval.selection`).
+  validation_ap: Callable[[Any, Any, int], float] | None
   meta: dict[str, Any]  # Case lists etc., written with the run.
 
 
@@ -267,7 +302,7 @@ def _train(config, workdir: str, data: RunData, mesh, lead: bool) -> TrainResult
           record["valid_loss"] = val.get("loss")
           if data.validation_ap is not None and (
               epoch % config.eval.every_epochs == 0 or step == total_steps):
-            record["valid_ap"] = float(data.validation_ap(graphdef, state))
+            record["valid_ap"] = float(data.validation_ap(graphdef, state, epoch))
           if record.get("valid_ap") is not None and (best_ap is None or record["valid_ap"] > best_ap):
             best_ap = record["valid_ap"]
           # The row first, then the commit: a kill between them leaves a row

@@ -1,17 +1,29 @@
-"""ImageNet weights for the ResNet18 body, converted from torchvision.
+"""ImageNet weights for the ResNet18 body: torchvision's, as the reference.
 
+The reference builds its body with `create_body(models.resnet18, True, -2)`:
+torchvision's ImageNet-1k weights. `body_weights="imagenet"` (the default
+of configs/default.py) fetches the same weights without PyTorch: timm's
+`resnet18.tv_in1k` repository on the Hugging Face Hub holds torchvision's
+original weights in safetensors format under torchvision's parameter names.
+The file is downloaded once at a pinned revision into the hub's cache,
+checked against the hub's sha256 and against every expected key and shape.
+
+    python -m midog_jax.weights fetch            # into the cache; prints the path
     python -m midog_jax.weights convert \\
         --torchvision resnet18-f37072fd.pth --out resnet18_imagenet.npz
 
-writes an .npz keyed by torchvision's state-dict names (without `fc.*` and
-`num_batches_tracked`), convolution kernels already in HWIO. PyTorch is only
-imported by that command. `load_body_weights` puts such a file into a model.
+`convert` writes an .npz keyed by torchvision's state-dict names (without
+`fc.*` and `num_batches_tracked`), kernels already in HWIO; PyTorch is only
+imported by that command. `load_body_weights` takes either file.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import re
+import sys
 from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
@@ -25,6 +37,14 @@ _SUFFIX = {"kernel": "weight", "scale": "weight", "bias": "bias",
            "mean": "running_mean", "var": "running_var"}
 _DROPPED_SUFFIXES = ("num_batches_tracked",)
 _DROPPED_PREFIXES = ("fc.",)
+
+IMAGENET = "imagenet"  # `model.body_weights` value: fetch torchvision's weights.
+SCRATCH = ("", "none")  # `model.body_weights` values for random initialisation.
+IMAGENET_REPO = "timm/resnet18.tv_in1k"
+IMAGENET_FILE = "model.safetensors"
+IMAGENET_REVISION = "590dfdd48494d2316a8385e1ca7fbec3b9359b35"
+IMAGENET_URL = (f"https://huggingface.co/{IMAGENET_REPO}/resolve/{IMAGENET_REVISION}/"
+                f"{IMAGENET_FILE}")
 
 
 class WeightsError(ValueError):
@@ -98,15 +118,71 @@ def convert_torchvision(checkpoint: str, out: str) -> None:
   np.savez(out, **arrays)
 
 
-def load_body_weights(module: nnx.Module, path: str) -> None:
-  """Loads an .npz written by `convert` into the body of `module` in place."""
+def resolve(spec: str | None) -> str | None:
+  """`model.body_weights` -> a weights file, or None for random initialisation."""
+  if spec is None or spec.strip().lower() in SCRATCH:
+    return None
+  if spec == IMAGENET:
+    return fetch_imagenet()
+  return os.path.expanduser(spec)
+
+
+def fetch_imagenet() -> str:
+  """torchvision's ResNet18 ImageNet weights, from the hub's cache or fetched."""
+  from huggingface_hub import hf_hub_download  # Only for the pretrained default.
+  from huggingface_hub.errors import LocalEntryNotFoundError
+  args = dict(repo_id=IMAGENET_REPO, filename=IMAGENET_FILE, revision=IMAGENET_REVISION)
+  try:
+    return _verified(hf_hub_download(**args, local_files_only=True))
+  except LocalEntryNotFoundError:
+    pass
+  try:
+    path = hf_hub_download(**args, etag_timeout=10)
+  except Exception as e:  # Offline, proxy, hub down: one line with the remedy.
+    raise WeightsError(
+        f"could not fetch the ImageNet weights {IMAGENET_URL} ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}); download that file where the "
+        "internet is reachable and pass --config.model.body_weights=PATH, or "
+        "--config.model.body_weights=none to train from scratch") from None
+  return _verified(path)
+
+
+def _verified(path: str) -> str:
+  """Checks a hub download against the sha256 its cache blob is named by."""
+  blob = os.path.basename(os.path.realpath(path))
+  if re.fullmatch(r"[0-9a-f]{64}", blob):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
+    if digest.hexdigest() != blob:
+      raise WeightsError(f"{path}: sha256 {digest.hexdigest()} differs from the hub's {blob}; "
+                         "delete it from the Hugging Face cache and run again")
+  return path
+
+
+def read_body_arrays(path: str) -> dict[str, np.ndarray]:
+  """Body arrays from an .npz of `convert` or a torchvision-named .safetensors."""
   if not os.path.exists(path):
     raise FileNotFoundError(
-        f"body weights file {path} not found; create it with `python -m "
-        "midog_jax.weights convert --torchvision resnet18-f37072fd.pth "
-        f"--out {path}`")
+        f"body weights file {path} not found; use --config.model.body_weights=imagenet, or "
+        "create it with `python -m midog_jax.weights convert --torchvision "
+        f"resnet18-f37072fd.pth --out {path}`")
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file
+    try:
+      return convert_state_dict(load_file(path), path)
+    except (OSError, ValueError) as e:
+      if isinstance(e, WeightsError):
+        raise
+      raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
   with np.load(path) as data:
-    arrays = {k: data[k] for k in data.files}
+    return {k: data[k] for k in data.files}
+
+
+def load_body_weights(module: nnx.Module, path: str) -> None:
+  """Loads body weights (.npz or .safetensors) into `module` in place."""
+  arrays = read_body_arrays(path)
   variables = body_variables(module)
   _check(arrays, _shapes(variables), path)
   for name, var in variables.items():
@@ -121,11 +197,21 @@ def main(argv: Sequence[str] | None = None) -> None:
   convert.add_argument("--torchvision", required=True,
                        help="path of resnet18-f37072fd.pth")
   convert.add_argument("--out", required=True, help="output .npz path")
+  commands.add_parser("fetch", help=f"download {IMAGENET_URL} into the Hugging Face cache")
   args = parser.parse_args(argv)
   if args.command == "convert":
     convert_torchvision(args.torchvision, args.out)
     print(f"wrote {args.out}")
+  elif args.command == "fetch":
+    try:
+      path = fetch_imagenet()
+      read_body_arrays(path)  # Every key and shape.
+    except WeightsError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    print(path)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

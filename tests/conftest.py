@@ -13,9 +13,21 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def synthetic_data_dir(tmp_path_factory):
-  """A built synthetic `midogpp` (3 cases per domain, 192 x 160 px)."""
+  """A built synthetic `midogpp` (3 cases per domain, 192 x 160 px, 2 shards)."""
   from tests.train_fixtures import build_synthetic
   return build_synthetic(tmp_path_factory.mktemp("synthetic_midogpp"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_layouts(synthetic_data_dir):
+  """{shards: data dir}: the same synthetic images built as 1, 2 and 7 shards."""
+  import pathlib
+  from tests.train_fixtures import build_layout
+  root = pathlib.Path(synthetic_data_dir).parent
+  out = {2: synthetic_data_dir}
+  for n in (1, 7):
+    out[n] = build_layout(root / "manual", root / f"tfds-{n}-shards", n)
+  return out
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +43,9 @@ def plan_runs(tmp_path_factory, synthetic_data_dir):
         "--data-dir", synthetic_data_dir, "--set", "patch_size=64", "--set", "num_epochs=2",
         "--set", "batch_size=8", "--set", "train_patches_per_epoch=32",
         "--set", "valid_patches_per_epoch=8", "--set", "eval.batch_size=8",
-        "--set", "prefetch=0"])
+        "--set", "prefetch=0", "--set", "model.body_weights=none",
+        # 64 px windows with 50 px overlap would be 5 x the windows: tests keep 10 %.
+        "--set", "eval.window_min_overlap=0"])
   finally:
     if saved is not None:
       os.environ["XLA_FLAGS"] = saved

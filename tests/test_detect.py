@@ -37,7 +37,7 @@ def test_split_to_midog_json_geojson_and_overlays(run_dir, synthetic_data_dir, t
   code = detect.main(["--workdir", str(run_dir), "--split", "test", "--data-dir",
                       synthetic_data_dir, "--out", str(out), "--geojson", str(tmp_path / "gj"),
                       "--overlay", str(tmp_path / "ov"), "--min-score", "0.01",
-                      "--threshold", "0.3"])
+                      "--threshold", "0.015"])
   assert code == 0
   cases = dataset.read_cases(synthetic_data_dir, "test")
   raw = json.loads(out.read_text())
@@ -50,18 +50,18 @@ def test_split_to_midog_json_geojson_and_overlays(run_dir, synthetic_data_dir, t
     gj = json.loads((tmp_path / "gj" / c.file_name.replace(".tiff", ".geojson")).read_text())
     assert gj["type"] == "FeatureCollection"
     # GeoJSON: the operating point only; the MIDOG JSON: every probability.
-    assert len(gj["features"]) == sum(p["probability"] > 0.3 for p in raw[c.file_name]["points"])
+    assert len(gj["features"]) == sum(p["probability"] > 0.015 for p in raw[c.file_name]["points"])
     assert all(f["geometry"]["type"] == "Point" for f in gj["features"])
     png = (tmp_path / "ov" / c.file_name.replace(".tiff", ".png")).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
   # Pixel positions survive the mm round trip.
   back = predictions.read_predictions(str(out), {c.file_name: c.um_per_px for c in cases})
-  name = next(n for n in raw if any(p["probability"] > 0.3 for p in raw[n]["points"]))
+  name = next(n for n in raw if any(p["probability"] > 0.015 for p in raw[n]["points"]))
   gj = json.loads((tmp_path / "gj" / name.replace(".tiff", ".geojson")).read_text())
-  above = back[name].scores > 0.3
+  above = back[name].scores > 0.015
   np.testing.assert_allclose(back[name].xy[above],
                              [f["geometry"]["coordinates"] for f in gj["features"]], atol=1e-6)
-  assert "operating point 0.30 (--threshold)" in capsys.readouterr().out
+  assert "operating point 0.015 (--threshold)" in capsys.readouterr().out
 
 
 def test_operating_point_is_the_one_chosen_on_validation(tmp_path):

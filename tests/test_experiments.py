@@ -21,9 +21,17 @@ def test_every_plan_config_loads(hardware):
     module = cf._LoadConfigModule(f"cfg_{hardware}_{name}", path)
     config = module.get_config(arg) if arg else module.get_config()
     assert config.experiment == name
-    if hardware != "cpu":
-      assert config.batch_size > default.get_config().batch_size
+    assert config.model.body_weights == "imagenet"  # The reference's initialisation.
+    reference = default.get_config()
+    if hardware in ("gpu", "tpu"):  # The paper's protocol, in bf16.
+      assert (config.batch_size, config.optim.max_lr) == (12, reference.optim.max_lr)
       assert config.model.dtype == "bfloat16"
+    elif hardware != "cpu":  # Larger batches, square-root learning rate.
+      batch = {"gpu_large_batch": 64, "tpu_large_batch": 128}[hardware]
+      assert config.batch_size == batch and config.model.dtype == "bfloat16"
+      assert config.optim.max_lr == pytest.approx(reference.optim.max_lr * (batch / 12) ** 0.5)
+    else:
+      assert (config.batch_size, config.model.dtype) == (12, "float32")
 
 
 def test_configs_are_locked_and_validated():

@@ -42,6 +42,15 @@ def test_window_origins_cover_image_and_end_at_border(width, height, patch):
   assert origins[:, 1].max() + patch == height
   steps_x = np.diff(np.unique(origins[:, 0]))
   assert (steps_x <= int(patch * 0.9)).all() and (steps_x > 0).all()
+  assert (steps_x <= patch - I.MIN_OVERLAP).all()  # At least one box of overlap.
+
+
+def test_small_patches_overlap_by_at_least_one_box():
+  # 10 % of 128 px is 12 px, narrower than a 50 px figure: the stride is 78.
+  xs = np.unique(I.window_origins(400, 128, 128)[:, 0])
+  np.testing.assert_array_equal(xs, [0, 78, 156, 234, 272])
+  with pytest.raises(ValueError, match="bad patch"):
+    I.window_origins(400, 128, 48)
 
 
 def test_small_image_gets_one_padded_window():
@@ -223,7 +232,7 @@ def test_detect_image_across_window_boundaries():
     image[y, x] = v
   xy, scores = I.detect_image(image, _fake_detector(), {"gain": 1.0}, {},
                               PATCH, batch_size=4, threshold=0.1,
-                              progress=False)
+                              progress=False, min_overlap=0)
   expected = [((x + 0.5, y + 0.5), _sigmoid(3 - v / 50))
               for (x, y), v in marks.items() if (x, y) != (150, 20)]
   expected.sort(key=lambda e: -e[1])
@@ -231,7 +240,7 @@ def test_detect_image_across_window_boundaries():
   np.testing.assert_allclose(xy, [e[0] for e in expected], atol=1e-3)
   np.testing.assert_allclose(scores, [e[1] for e in expected], rtol=1e-5)
   # Before distance suppression, objects in overlaps come from two windows.
-  origins = I.window_origins(w, h, PATCH)
+  origins = I.window_origins(w, h, PATCH, min_overlap=0)
   out = _fake_detector(threshold=0.1)({"gain": 1.0}, {},
                                       I.crop_windows(image, origins, PATCH))
   raw_xy, _ = I.to_image_coordinates(origins, *jax.device_get(out), (h, w))

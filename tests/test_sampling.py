@@ -36,10 +36,11 @@ def test_guided_fraction_is_binomial_half():
 
 
 def test_guided_patches_contain_their_figure():
-  # The reference subtracts an offset in [0, P) from the box's top-left
-  # corner, so that corner (clamped to the image) is always in the patch;
-  # the box centre can fall up to 25 px past the right or bottom edge, but
-  # always stays in the host crop, so the figure is always in the targets.
+  # The reference subtracts an offset in [0, P] (Python's randint(0, 512)
+  # includes 512) from the box's top-left corner, so that corner (clamped to
+  # the image) lies in the patch or on its far edge; the box centre can fall
+  # up to 25 px past the right or bottom edge, but always stays in the host
+  # crop.
   case = _case()
   plan = sampling.epoch_plan([case], 6000, P, seed=1, epoch=3)
   g = plan.is_guided
@@ -47,19 +48,19 @@ def test_guided_patches_contain_their_figure():
   x0, y0 = plan.x0[g], plan.y0[g]
   corner_x = np.clip(fig[:, 0] - 25, 0, case.width - 1)
   corner_y = np.clip(fig[:, 1] - 25, 0, case.height - 1)
-  assert np.all((x0 <= corner_x) & (corner_x < x0 + P))
-  assert np.all((y0 <= corner_y) & (corner_y < y0 + P))
+  assert np.all((x0 <= corner_x) & (corner_x < x0 + P + 1))  # int() truncates.
+  assert np.all((y0 <= corner_y) & (corner_y < y0 + P + 1))
   assert np.all((x0 - MARGIN <= fig[:, 0]) & (fig[:, 0] < x0 + P + MARGIN))
   assert np.all((y0 - MARGIN <= fig[:, 1]) & (fig[:, 1] < y0 + P + MARGIN))
   centre_in = ((fig[:, 0] >= x0) & (fig[:, 0] < x0 + P)
                & (fig[:, 1] >= y0) & (fig[:, 1] < y0 + P))
-  # ~1 - (487/512)^2 = 9.5 % have the centre outside: offsets reach P - 1.
+  # ~1 - (488/513)^2 = 9.5 % have the centre outside: offsets reach P.
   assert 0.05 < 1 - centre_in.mean() < 0.15
-  # Offsets are uniform over [0, P) where no clipping happens.
+  # Offsets are uniform over [0, P] where no clipping happens.
   free = ((fig[:, 0] - 25 - P > 0)
           & (fig[:, 0] - 25 < case.width - P))
   off = (fig[free, 0] - 25 - x0[free]).astype(int)
-  assert off.min() == 0 and off.max() == P - 1
+  assert off.min() == 0 and off.max() == P
   assert abs(off.mean() - (P - 1) / 2) < 15
   # Every figure gets picked.
   assert len(np.unique(plan.figure[g])) == len(case.mitotic_centers)

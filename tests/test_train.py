@@ -95,3 +95,23 @@ def test_demo_config_learns(data_dir, tmp_path):
   assert best is not None and ckpt.meta(best)["valid_ap"] == summary["best_valid_ap"] == max(
       r["valid_ap"] for r in records if "valid_ap" in r)
   assert summary["best_step"] == best
+
+
+@pytest.mark.parametrize("margin_targets", [False, True])
+def test_targets_are_figures_centred_in_the_patch_unless_asked(margin_targets):
+  from midog_jax import annotations, augment
+  patch = 64
+  crop = augment.crop_size(patch)
+  m = (crop - patch) / 2
+  batch = {"crops": np.full((1, crop, crop, 3), 128, np.uint8),
+           "centers": np.array([[[m - 5, m + 30], [m + 30, m + 30], [m + 30, m + patch + 3]]],
+                               np.float32),
+           "valid": np.array([[True, True, True]]),
+           "labels": np.full((1, 3), annotations.MITOTIC_FIGURE)}
+  norm = normalization.Normalization((128.0,) * 3, (50.0,) * 3)
+  aug = trainer.augment_config(tiny_config("unused"), enabled=False)
+  _, boxes, valid = trainer._targets(batch, patch, norm, aug, np.float32, jax.random.key(0),
+                                     margin_targets)
+  # The reference labels only the figure whose centre lies inside the patch.
+  assert np.asarray(valid).tolist() == [[margin_targets, True, margin_targets]]
+  np.testing.assert_allclose(boxes[0, 1], [5, 5, 55, 55])

@@ -134,3 +134,95 @@ def test_converter_rejects_foreign_checkpoints():
   message = str(err.value)
   assert "foreign.pth" in message and "encoder.extra" in message
   assert "layer4.1.bn2.running_mean" in message  # among the missing
+
+
+# --- The default: torchvision's weights from the hub's cache, as safetensors. ---
+
+def _safetensors_of(net, path):
+  from safetensors.numpy import save_file
+  save_file({k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}, str(path))
+  return path
+
+
+def _hub_cache(root, blob_bytes, blob_name=None):
+  """A Hugging Face cache laid out as hf_hub_download leaves it, for the
+  pinned revision (no network involved)."""
+  import hashlib
+  repo = root / ("models--" + W.IMAGENET_REPO.replace("/", "--"))
+  name = blob_name or hashlib.sha256(blob_bytes).hexdigest()
+  (repo / "blobs").mkdir(parents=True)
+  (repo / "blobs" / name).write_bytes(blob_bytes)
+  snap = repo / "snapshots" / W.IMAGENET_REVISION
+  snap.mkdir(parents=True)
+  (snap / W.IMAGENET_FILE).symlink_to(repo / "blobs" / name)
+  return root
+
+
+def _body_state(model):
+  return {k: np.asarray(v.get_value()) for k, v in W.body_variables(model).items()}
+
+
+def test_safetensors_and_converter_give_identical_bodies(torch_checkpoint, tmp_path):
+  net, pth = torch_checkpoint
+  npz = tmp_path / "converted.npz"
+  W.convert_torchvision(str(pth), str(npz))
+  st = _safetensors_of(net, tmp_path / "model.safetensors")
+  a = _body_state(M.build_model(M.RetinaNetConfig(body_weights=str(npz)), seed=1))
+  b = _body_state(M.build_model(M.RetinaNetConfig(body_weights=str(st)), seed=2))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  scratch = _body_state(M.build_model(M.RetinaNetConfig(body_weights="none"), seed=1))
+  assert not np.array_equal(scratch["conv1.weight"], a["conv1.weight"])
+
+
+def test_default_config_takes_imagenet_weights_from_the_hub_cache(torch_checkpoint, tmp_path,
+                                                                   monkeypatch):
+  from huggingface_hub import constants
+  from configs import default
+  from midog_jax import trainer
+  net, pth = torch_checkpoint
+  st = _safetensors_of(net, tmp_path / "model.safetensors")
+  monkeypatch.setattr(constants, "HF_HUB_CACHE", str(_hub_cache(tmp_path / "hub", st.read_bytes())))
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # Never the network in tests.
+  config = default.get_config()
+  assert config.model.body_weights == W.IMAGENET
+  model = M.build_model(trainer.model_config(config), seed=5)
+  expected = _body_state(M.build_model(M.RetinaNetConfig(body_weights=str(st)), seed=0))
+  for k, v in _body_state(model).items():
+    np.testing.assert_array_equal(v, expected[k], err_msg=k)
+  # A resumed run restores every weight from its checkpoint: nothing fetched.
+  assert trainer.model_config(config, pretrained=False).body_weights is None
+
+
+def test_a_corrupt_cached_file_is_refused(torch_checkpoint, tmp_path, monkeypatch):
+  from huggingface_hub import constants
+  net, _ = torch_checkpoint
+  data = _safetensors_of(net, tmp_path / "model.safetensors").read_bytes()
+  cache = _hub_cache(tmp_path / "hub", data[:-10] + b"0" * 10, blob_name="a" * 64)
+  monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+  with pytest.raises(W.WeightsError, match="differs from the hub's a{64}; delete it"):
+    W.resolve(W.IMAGENET)
+
+
+@pytest.mark.parametrize("offline_flag", [True, False])
+def test_offline_without_a_cached_copy_is_one_line_with_the_remedy(tmp_path, monkeypatch,
+                                                                    offline_flag):
+  import socket
+  import time
+  from huggingface_hub import constants
+  monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline_flag)
+  with socket.socket() as s:  # Nothing listens there: as a machine without internet.
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+  monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")
+  t = time.perf_counter()
+  with pytest.raises(W.WeightsError) as e:
+    W.resolve(W.IMAGENET)
+  assert time.perf_counter() - t < 60
+  message = str(e.value)
+  assert "\n" not in message and W.IMAGENET_URL in message
+  assert "--config.model.body_weights=PATH" in message and "body_weights=none" in message
