@@ -69,6 +69,8 @@ def _checkpoint_dir(workdir: str | None, checkpoint: str | None) -> tuple[str, s
   finally:
     ckpt.close()
   if step is None:
+    if ckpt.has_old_layout():
+      raise FileNotFoundError(ckpt.old_layout_message())
     raise FileNotFoundError(f"{workdir}: no checkpoint in checkpoints/; "
                             "train first (python -m midog_jax.train ...)")
   return workdir, os.path.join(workdir, "checkpoints", str(step))

@@ -165,3 +165,11 @@ def test_a_second_training_on_the_same_workdir_is_refused(synthetic_data_dir, tm
     with pytest.raises(workdir.WorkdirInUse, match=f"in use by pid {os.getpid()}.*another --workdir"):
       trainer.train(config, str(tmp_path / "w"), data, mesh)
   assert not (tmp_path / "w" / "config.json").exists()  # Refused before writing anything.
+
+
+def test_a_run_of_the_earlier_checkpoint_layout_is_never_trained_over(tmp_path):
+  (tmp_path / "checkpoints" / "latest" / "40").mkdir(parents=True)
+  with pytest.raises(checkpoints.CheckpointError, match=r"earlier midog-jax.*move checkpoints/latest"):
+    checkpoints.RunCheckpoints(str(tmp_path))
+  assert (tmp_path / "checkpoints" / "latest" / "40").is_dir()
+  assert checkpoints.RunCheckpoints(str(tmp_path), read_only=True).has_old_layout()

@@ -70,9 +70,11 @@ def test_score_json_recomputes_from_case_counts(dataset, tmp_path, capsys):
     c = metrics.pool(metrics.Counts(**v) for f, v in report["cases"].items()
                      if name == "overall" or tumor_of[f] == name)
     assert (m["tp"], m["fp"], m["fn"]) == c
-    assert m["precision"] == pytest.approx(c.tp / (c.tp + c.fp))
-    assert m["recall"] == (pytest.approx(c.tp / (c.tp + c.fn)) if c.tp + c.fn else 0.0)
-    assert m["f1"] == pytest.approx(2 * c.tp / (2 * c.tp + c.fp + c.fn))
+    # 0 / 0 is undefined: null in JSON ("n/a" in the table), never 0 or 1.
+    assert m["precision"] == (pytest.approx(c.tp / (c.tp + c.fp)) if c.tp + c.fp else None)
+    assert m["recall"] == (pytest.approx(c.tp / (c.tp + c.fn)) if c.tp + c.fn else None)
+    assert m["f1"] == (pytest.approx(2 * c.tp / (2 * c.tp + c.fp + c.fn))
+                       if 2 * c.tp + c.fp + c.fn else None)
     n_gt = c.tp + c.fn
     # AP: no ground truth -> null; otherwise the unthresholded ranking puts
     # the 0.75 false positives above the 0.4 true positives.
