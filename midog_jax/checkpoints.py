@@ -40,9 +40,8 @@ class RunCheckpoints:
   def __init__(self, workdir: str, read_only: bool = False):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self._manager = None
-    old = [d for d in _OLD_LAYOUT if os.path.isdir(os.path.join(self.directory, d))]
-    if old and not read_only:  # Never train over a run this code cannot resume.
-      raise CheckpointError(self.old_layout_message(old))
+    if not read_only and self.has_old_layout():  # Never train over a run it cannot resume.
+      raise CheckpointError(self.old_layout_message())
     if not read_only:
       self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
           create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True))
@@ -50,8 +49,8 @@ class RunCheckpoints:
         if name.startswith(_DISCARDED):  # A deletion cut short by a kill.
           shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
-  def old_layout_message(self, old=_OLD_LAYOUT) -> str:
-    return (f"{self.directory} has the layout of an earlier midog-jax ({', '.join(old)}/STEP); "
+  def old_layout_message(self) -> str:
+    return (f"{self.directory} has the layout of an earlier midog-jax (latest/STEP, best/STEP); "
             "move checkpoints/latest/STEP and checkpoints/best/STEP to checkpoints/STEP, "
             "remove the empty latest/ and best/, then run again")
 

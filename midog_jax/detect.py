@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from midog_jax import checkpoints
+from midog_jax import files
 from midog_jax import inference
 from midog_jax import model as model_lib
 from midog_jax import normalization as normalization_lib
@@ -142,8 +143,7 @@ def split_cases(run: LoadedRun, data_dir: str | None, split: str) -> list:
   if split != "valid":
     return dataset.read_cases(data_dir, split)
   meta_path = os.path.join(run.workdir, "cases.json")
-  with open(meta_path, encoding="utf-8") as f:
-    names = json.load(f)["valid"]
+  names = files.read_json(meta_path)["valid"]
   if not names:
     raise ValueError(f"{meta_path}: the run has no validation cases")
   return dataset.select_cases(dataset.read_cases(data_dir, "train"), file_names=names)
@@ -237,8 +237,7 @@ def operating_point(run: LoadedRun, threshold: float | None) -> tuple[float, str
     return threshold, "--threshold"
   path = os.path.join(run.workdir, "evaluation.json")
   if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      evaluation = json.load(f)
+    evaluation = files.read_json(path)
     if evaluation.get("checkpoint_step") == run.step and evaluation.get("threshold") is not None:
       return float(evaluation["threshold"]), "chosen on the validation fold, evaluation.json"
   return DEFAULT_OPERATING_POINT, ("the reference's detection threshold; run `python -m "

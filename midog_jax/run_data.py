@@ -84,7 +84,7 @@ def reference_selection_fn(config: ml_collections.ConfigDict, cases, cache: patc
       patches_per_epoch=config.valid_patches_per_epoch, global_batch_size=config.batch_size,
       seed=seed, guided_fraction=config.guided_fraction, mesh=mesh, cache=cache, prefetch=0,
       window=config.stream_window, max_objects=max_objects)
-  margin = (pipe.crop_size - config.patch_size) / 2
+  margin = augment.margin(config.patch_size)
   fns = {}
 
   def selection_ap(graphdef, state, epoch: int = 0) -> float:

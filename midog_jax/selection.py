@@ -29,11 +29,12 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from midog_jax import annotations
+
 SCORE_THRESHOLD = 0.3
 RADIUS = 25.0
 PER_GROUND_TRUTH = 3
 IOU_THRESHOLD = 0.3
-BOX_SIZE = 50.0
 
 
 class PatchEntry(NamedTuple):
@@ -48,7 +49,7 @@ def ground_truth_boxes(centers: np.ndarray, patch_size: int) -> np.ndarray:
   c = np.asarray(centers, np.float64).reshape(-1, 2)
   inside = (c > 0).all(1) & (c < patch_size).all(1)
   c = c[inside]
-  half = BOX_SIZE / 2
+  half = annotations.BOX_SIZE / 2
   return np.clip(np.concatenate([c - half, c + half], 1), 0, patch_size)
 
 

@@ -74,7 +74,7 @@ def _targets(batch, patch_size, norm, aug, dtype, key, margin_targets=False):
   """
   mitotic = batch["valid"] & (batch["labels"] == annotations.MITOTIC_FIGURE)
   if not margin_targets:
-    margin = (batch["crops"].shape[1] - patch_size) / 2
+    margin = augment.margin(patch_size)
     c = batch["centers"]
     mitotic &= ((c > margin) & (c < margin + patch_size)).all(-1)
   return augment.augment_batch(
