@@ -49,7 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.weight_decay = 0.01
   config.optim.b2 = 0.99
   config.optim.pct_start = 0.3
-  # The paper's discriminative rate: (body, FPN and heads); None: max_lr for all.
+  # The paper's discriminative rate, fastai's slice(first, last) over the layer
+  # groups stem..layer2 | layer3, layer4 | FPN and heads; None: max_lr for all.
   config.optim.discriminative = ml_collections.FieldReference(None, field_type=tuple)
 
   config.augment = ml_collections.ConfigDict()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 import os
 import textwrap
@@ -34,7 +35,7 @@ DEFAULT_FOLDS = (0, 1, 2, 3, 4)
 DEFAULT_DDOF = 0
 INCOMPLETE = "†"
 CSV_FIELDS = ("matrix", "metric", "train", "test", "mean", "std", "n_folds",
-              "folds", "paper_mean", "paper_std")
+              "folds", "complete", "paper_mean", "paper_std")
 _TITLES = {"single_domain": "Single-domain training",
            "leave_one_out": "Leave-one-out training"}
 _METRIC_NAMES = {"f1": "F1", "ap": "AP"}
@@ -72,6 +73,11 @@ class Cell:
   @property
   def empty(self) -> bool:
     return not self.folds
+
+  @property
+  def marked(self) -> bool:
+    """Shown with INCOMPLETE: a value over fewer folds than requested."""
+    return not self.empty and not self.complete
 
   @property
   def mean(self) -> float | None:
@@ -161,15 +167,17 @@ def _num(v: float | None) -> str:
 
 
 def write_csv(mats: Mapping, path: str, compare_paper: bool = False) -> str:
-  """One row per cell; `folds` is the ';'-joined folds present."""
-  with open(path, "w", newline="", encoding="utf-8") as f:
-    w = csv.writer(f)
-    w.writerow(CSV_FIELDS)
-    for c in cells(mats):
-      p = c.paper() if compare_paper else None
-      w.writerow([c.matrix, c.metric, c.train, c.test, _num(c.mean), _num(c.std),
-                  c.n_folds, ";".join(map(str, c.folds)),
-                  _num(p and p["mean"]), _num(p and p["std"])])
+  """One row per cell; `folds` is the ';'-joined folds present, `complete`
+  is 0 where the Markdown and the heatmaps mark the cell with INCOMPLETE."""
+  out = io.StringIO(newline="")
+  w = csv.writer(out)
+  w.writerow(CSV_FIELDS)
+  for c in cells(mats):
+    p = c.paper() if compare_paper else None
+    w.writerow([c.matrix, c.metric, c.train, c.test, _num(c.mean), _num(c.std),
+                c.n_folds, ";".join(map(str, c.folds)), int(not c.marked),
+                _num(p and p["mean"]), _num(p and p["std"])])
+  files.write_text(path, out.getvalue())
   return path
 
 
@@ -203,7 +211,7 @@ def markdown(mats: Mapping, compare_paper: bool = False) -> str:
         texts = []
         for c in row.values():
           t = _fmt(c.mean, c.std)
-          if not c.empty and not c.complete:
+          if c.marked:
             t += f" {INCOMPLETE}"
           if compare_paper and (p := c.paper()) is not None:
             t += f" (paper {_fmt(p['mean'], p['std'])})"
@@ -212,8 +220,9 @@ def markdown(mats: Mapping, compare_paper: bool = False) -> str:
         notes += _row_notes(matrix, train, row)
       parts.append("\n".join(lines) + "\n")
       if notes:
-        parts.append(f"{INCOMPLETE} Fewer folds than requested; the value is over "
-                     "the folds present:\n\n" + "\n".join(notes) + "\n")
+        parts.append(f"{INCOMPLETE} Fewer folds than requested have a value (a run "
+                     "missing, or the metric undefined: no figures in the split); the "
+                     "value is over these folds:\n\n" + "\n".join(notes) + "\n")
       parts.append("– no fold has this cell.\n" if any(
           c.empty for row in grid.values() for c in row.values()) else "")
   return "\n".join(p for p in parts if p)
@@ -223,7 +232,7 @@ def _row_notes(matrix: str, train: str, row: Mapping[str, Cell]) -> list[str]:
   """One line per distinct fold set among the row's incomplete cells."""
   groups: dict[tuple[int, ...], list[str]] = {}
   for test, c in row.items():
-    if not c.empty and not c.complete:
+    if c.marked:
       groups.setdefault(c.folds, []).append(test)
   notes = []
   for folds, tests in groups.items():
@@ -266,7 +275,7 @@ def plot_matrix(mats: Mapping, matrix: str, metric: str, path: str,
       if c.mean is None:
         ax.text(j, i + y_mean, "–", ha="center", va="center", fontsize=12)
       else:
-        mark = f" {INCOMPLETE}" if not c.complete else ""
+        mark = f" {INCOMPLETE}" if c.marked else ""
         incomplete |= bool(mark)
         ax.text(j, i + y_mean, f"{c.mean:.2f}{mark}", ha="center", va="center",
                 fontsize=12, fontweight="bold", color=color)

@@ -22,7 +22,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-BODY, HEAD = "body", "head"  # Parameter groups of the discriminative rate.
+# The layer groups of the discriminative rate, in order, as object_detection_fastai
+# splits its RetinaNet (`learn.split([model.encoder[6], model.c5top5])`): the
+# ResNet stem to layer2, layer3 and layer4, then the FPN with both heads.
+EARLY, LATE, HEAD = "body_to_layer2", "body_layer3_4", "fpn_and_heads"
+LAYER_GROUPS = (EARLY, LATE, HEAD)
+_LATE_LAYERS = ("layer3", "layer4")
 
 
 def _one_cycle(start: float, peak: float, end: float, total_steps: int,
@@ -71,8 +76,7 @@ def one_cycle_b1(total_steps: int, pct_start: float = 0.3,
   return _one_cycle(moms[0], moms[1], moms[0], total_steps, pct_start)
 
 
-def _first_key(path: tuple[Any, ...]) -> str:
-  entry = path[0]
+def _key(entry: Any) -> str:
   for attr in ("key", "name", "idx"):
     if hasattr(entry, attr):
       return str(getattr(entry, attr))
@@ -80,14 +84,25 @@ def _first_key(path: tuple[Any, ...]) -> str:
 
 
 def param_groups(params: Any, body_key: str = "body") -> Any:
-  """A pytree like `params` with BODY under `body_key` and HEAD elsewhere.
+  """A pytree like `params` labelling each leaf with its LAYER_GROUPS entry.
 
-  With `nnx.split(model, nnx.Param, ...)` the body is `model.body` and the
-  rest (FPN, classifier, box regressor) is the head group.
+  With `nnx.split(model, nnx.Param, ...)` the body is `model.body` (torchvision
+  names: conv1, bn1, layer1..layer4); the rest (FPN, classifier, box
+  regressor) is the last group.
   """
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: BODY if path and _first_key(path) == body_key else HEAD,
-      params)
+  def label(path: tuple[Any, ...], _: Any) -> str:
+    if not path or _key(path[0]) != body_key:
+      return HEAD
+    return LATE if len(path) > 1 and _key(path[1]) in _LATE_LAYERS else EARLY
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def even_mults(start: float, stop: float, n: int) -> list[float]:
+  """fastai v1's `even_mults`: n rates evenly spaced in log from start to stop."""
+  if n == 1:
+    return [stop]
+  step = (stop / start) ** (1 / (n - 1))
+  return [start * step ** i for i in range(n)]
 
 
 def make_optimizer(
@@ -114,10 +129,11 @@ def make_optimizer(
     b2, eps: Adam's β2 and epsilon (fastai: 0.99, PyTorch's 1e-8).
     pct_start, div_factor, final_div, moms: the one-cycle shape, see
       `one_cycle` and `one_cycle_b1`.
-    discriminative: (body peak, head peak) learning rates instead of
-      `max_lr`, like fastai's `max_lr=slice(body, head)` over two layer
-      groups (paper: (5e-5, 5e-4)); both follow the same one-cycle shape.
-    groups: params -> pytree of BODY/HEAD labels, for `discriminative`.
+    discriminative: (first, last) peak learning rates instead of `max_lr`,
+      as fastai's `max_lr=slice(first, last)`: `even_mults` over the three
+      LAYER_GROUPS (paper: (5e-5, 5e-4) gives 5e-5, 1.58e-4, 5e-4); every
+      group follows the same one-cycle shape.
+    groups: params -> pytree of LAYER_GROUPS labels, for `discriminative`.
 
   Hyperparameters are injected, so the state records the current learning
   rate(s) and β1 (`optax.inject_hyperparams`).
@@ -131,15 +147,16 @@ def make_optimizer(
 
   if discriminative is None:
     return adamw(max_lr)
-  body_lr, head_lr = discriminative
-  return optax.multi_transform({BODY: adamw(body_lr), HEAD: adamw(head_lr)},
-                               groups)
+  first, last = discriminative
+  peaks = even_mults(first, last, len(LAYER_GROUPS))
+  return optax.multi_transform(
+      {name: adamw(peak) for name, peak in zip(LAYER_GROUPS, peaks)}, groups)
 
 
 def hyperparams(opt_state: Any) -> dict[str, Any]:
   """{name: value} of the injected hyperparameters now, per group if split.
 
-  E.g. {"learning_rate": ..., "b1": ...} or {"body/learning_rate": ...}.
+  E.g. {"learning_rate": ..., "b1": ...} or {"fpn_and_heads/learning_rate": ...}.
   """
   if hasattr(opt_state, "hyperparams"):
     return dict(opt_state.hyperparams)

@@ -202,6 +202,7 @@ def test_write_report_files(tmp_path):
     vals = [inputs[(run, k)][row["test"]][row["metric"]]
             for k in (0, 1) if (run, k) in inputs]
     assert int(row["n_folds"]) == len(vals)
+    assert row["complete"] == ("0" if len(vals) == 1 else "1")
     assert row["folds"] == ";".join(str(k) for k in (0, 1) if (run, k) in inputs)
     want = paper.cell(row["matrix"], row["metric"], row["train"], row["test"])
     assert float(row["paper_mean"]) == want["mean"]
@@ -226,6 +227,40 @@ def test_write_report_files(tmp_path):
       path = tmp_path / f"{m}_{k}.png"
       w, h = _png_size(str(path))
       assert w > 600 and h > 600 and path.stat().st_size > 20_000
+
+
+def test_incomplete_mark_is_the_same_in_every_output(tmp_path, monkeypatch):
+  """Markdown, heatmap and CSV mark exactly the cells with fewer folds."""
+  import matplotlib.axes  # pylint: disable=g-import-not-at-top
+  results = [r for r in _results(["without_canine_lymphoma", "without_human_melanoma"],
+                                 (0, 1))
+             if not (r.experiment == "without_human_melanoma" and r.fold == 1)]
+  mats = dm.matrices(results, (0, 1))
+  grid = mats["leave_one_out"]["ap"]
+  marked = {(r, t) for r, row in grid.items() for t, c in row.items() if c.marked}
+  assert marked == {("human_melanoma", t) for t in SLUGS}
+  # Markdown: the mark on exactly that row's cells.
+  section = next(s for s in dm.markdown(mats).split("## ")
+                 if s.startswith("Leave-one-out training: AP"))
+  for line in section.splitlines():
+    if line.startswith("| w/o"):
+      n = line.count(dm.INCOMPLETE)
+      assert n == (len(SLUGS) if "melanoma" in line else 0), line
+  # Heatmap: the same number of marked texts.
+  texts = []
+  real_text = matplotlib.axes.Axes.text
+  def record(self, x, y, s, *args, **kwargs):
+    texts.append(s)
+    return real_text(self, x, y, s, *args, **kwargs)
+  monkeypatch.setattr(matplotlib.axes.Axes, "text", record)
+  dm.plot_matrix(mats, "leave_one_out", "ap", str(tmp_path / "m.png"))
+  assert sum(t.endswith(dm.INCOMPLETE) for t in texts) == len(marked)
+  # CSV: complete = 0 on the same cells.
+  dm.write_csv(mats, str(tmp_path / "m.csv"))
+  with open(tmp_path / "m.csv", encoding="utf-8") as f:
+    rows = [r for r in csv.DictReader(f)
+            if r["matrix"] == "leave_one_out" and r["metric"] == "ap"]
+  assert {(r["train"], r["test"]) for r in rows if r["complete"] == "0"} == marked
 
 
 def test_png_shows_data(tmp_path):

@@ -113,8 +113,10 @@ def retinanet_params():
   keys = jax.random.split(jax.random.key(0), len(leaves))
   params = jax.tree.unflatten(
       treedef, [jax.random.normal(k, (3,)) + 2.0 for k in keys])
-  body = nnx.state(model.body, nnx.Param)
-  return params, len(jax.tree.leaves(body))
+  late = [nnx.state(getattr(model.body, name), nnx.Param)
+          for name in ("layer3", "layer4")]
+  n_body = len(jax.tree.leaves(nnx.state(model.body, nnx.Param)))
+  return params, (n_body, len(jax.tree.leaves(late)))
 
 
 def _step(tx, params, grad_value):
@@ -127,14 +129,32 @@ def _leaves(tree):
   return jax.tree_util.tree_leaves_with_path(tree)
 
 
-def test_param_groups_split_body_from_fpn_and_heads(retinanet_params):
-  params, n_body = retinanet_params
+def test_param_groups_follow_object_detection_fastai_split(retinanet_params):
+  """Groups as `learn.split([encoder[6], c5top5])`: stem..layer2 | layer3,
+  layer4 | FPN and heads."""
+  params, (n_body, n_late) = retinanet_params
   labels = _leaves(optim.param_groups(params))
-  assert sum(label == optim.BODY for _, label in labels) == n_body
+  counts = {g: sum(label == g for _, label in labels) for g in optim.LAYER_GROUPS}
+  assert counts[optim.LATE] == n_late
+  assert counts[optim.EARLY] == n_body - n_late
+  assert counts[optim.HEAD] == len(labels) - n_body
   for path, label in labels:
-    top = optim._first_key(path)
-    assert top in ("body", "fpn", "classifier", "box_regressor")
-    assert label == (optim.BODY if top == "body" else optim.HEAD)
+    name = jax.tree_util.keystr(path)
+    if name.startswith(("['body']['layer3']", "['body']['layer4']")):
+      assert label == optim.LATE, name
+    elif name.startswith("['body']"):
+      assert label == optim.EARLY, name
+    else:
+      assert label == optim.HEAD, name
+
+
+def test_even_mults_matches_fastai():
+  # fastai v1: start * (stop / start) ** (i / (n - 1)).
+  np.testing.assert_allclose(optim.even_mults(5e-5, 5e-4, 3),
+                             [5e-5, 5e-5 * 10 ** 0.5, 5e-4], rtol=1e-12)
+  np.testing.assert_allclose(
+      optim.even_mults(1e-3, 1e-1, 5),
+      [1e-3, 1e-3 * 10 ** 0.5, 1e-2, 1e-2 * 10 ** 0.5, 1e-1], rtol=1e-12)
 
 
 def test_zero_gradient_step_is_pure_decay(retinanet_params):
@@ -151,22 +171,20 @@ def test_zero_gradient_step_is_pure_decay(retinanet_params):
 
 def test_discriminative_rates(retinanet_params):
   params, _ = retinanet_params
-  body_lr, head_lr, wd = 5e-5, 5e-4, 0.01
-  tx = optim.make_optimizer(100, weight_decay=wd,
-                            discriminative=(body_lr, head_lr))
+  first, last, wd = 5e-5, 5e-4, 0.01
+  peaks = dict(zip(optim.LAYER_GROUPS, [5e-5, 5e-5 * 10 ** 0.5, 5e-4]))
+  tx = optim.make_optimizer(100, weight_decay=wd, discriminative=(first, last))
   labels = [label for _, label in _leaves(optim.param_groups(params))]
   # Pure decay shows each group's own learning rate.
   updates = _step(tx, params, 0.0)
   for label, (_, u), (_, p) in zip(labels, _leaves(updates), _leaves(params)):
-    lr0 = (body_lr if label == optim.BODY else head_lr) / 25
-    np.testing.assert_allclose(u, -lr0 * wd * p, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(u, -peaks[label] / 25 * wd * p, rtol=1e-5,
+                               atol=1e-12)
   # First Adam step with unit gradients and no decay moves by ~lr0.
-  tx = optim.make_optimizer(100, weight_decay=0.0,
-                            discriminative=(body_lr, head_lr))
+  tx = optim.make_optimizer(100, weight_decay=0.0, discriminative=(first, last))
   updates = _step(tx, params, 1.0)
   for label, (_, u) in zip(labels, _leaves(updates)):
-    lr0 = (body_lr if label == optim.BODY else head_lr) / 25
-    np.testing.assert_allclose(u, -lr0, rtol=1e-5)
+    np.testing.assert_allclose(u, -peaks[label] / 25, rtol=1e-5)
   hp = optim.hyperparams(tx.init(params))
-  assert float(hp["head/learning_rate"]) == pytest.approx(
-      10 * float(hp["body/learning_rate"]), rel=1e-6)
+  for group, peak in peaks.items():
+    assert float(hp[f"{group}/learning_rate"]) == pytest.approx(peak / 25, rel=1e-6)
