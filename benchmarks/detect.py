@@ -6,19 +6,35 @@ Device: the jitted per-window function (normalise, network, decode, score
 threshold, NMS) on random uint8 windows, after warm-up. Whole ROI: one
 synthetic H&E image of --width x --height through `inference.detect_image`,
 with the host part (window cropping, mapping to image coordinates, distance
-suppression) timed apart from the device calls.
+suppression) timed apart from the device calls. Also prints FLOPs per window
+from XLA's cost analysis, model FLOP utilisation (see `flops.py`) and the
+rate per device. Where `tifffile` (needed by `midog_jax.synthetic`) is
+missing, the ROI is random noise instead: the untrained network's speed does
+not depend on the content.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import jax
 import numpy as np
 
-from midog_jax import domains, inference, normalization, steps, synthetic
+import flops as flops_lib  # benchmarks/flops.py, next to this file.
+from midog_jax import domains, inference, normalization, steps
 from midog_jax import model as model_lib
+
+
+def _roi(width: int, height: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+  try:
+    from midog_jax import synthetic  # Needs tifffile.
+  except ImportError:
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "random noise"
+  d = domains.DOMAINS[0]
+  tissue = synthetic.tissue_field(width, height, rng)
+  return synthetic.render(tissue, d, d.um_per_px, [], rng), "synthetic H&E"
 
 
 def main(argv=None) -> dict[str, float]:
@@ -29,6 +45,9 @@ def main(argv=None) -> dict[str, float]:
   parser.add_argument("--width", type=int, default=7215)
   parser.add_argument("--height", type=int, default=5412)
   parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--peak-tflops", type=float, default=None,
+                      help="peak TFLOP/s per device for MFU (default: flops.py's table)")
+  parser.add_argument("--json", default=None, help="also write the results here")
   args = parser.parse_args(argv)
 
   model = model_lib.build_model(model_lib.RetinaNetConfig(dtype=args.dtype))
@@ -48,9 +67,7 @@ def main(argv=None) -> dict[str, float]:
   jax.block_until_ready(out)
   device_rate = args.steps * args.batch / (time.perf_counter() - start)
 
-  d = domains.DOMAINS[0]
-  tissue = synthetic.tissue_field(args.width, args.height, rng)
-  image = synthetic.render(tissue, d, d.um_per_px, [], rng)
+  image, kind = _roi(args.width, args.height, rng)
   n_windows = len(inference.window_origins(args.width, args.height, args.patch))
   inference.detect_image(image[:args.patch, :args.patch], detector, params, batch_stats,
                          args.patch, args.batch, progress=False)  # Warm-up at this batch.
@@ -61,9 +78,22 @@ def main(argv=None) -> dict[str, float]:
   device_seconds = n_windows / device_rate
   print(f"device: {device_rate:,.1f} windows/s ({args.patch} px, batch {args.batch}, "
         f"{args.dtype}, {mesh.size} device(s): {jax.devices()[0].device_kind})")
-  print(f"roi: {roi_seconds:.2f} s per {args.width} x {args.height} ROI ({n_windows} windows): "
-        f"device about {device_seconds:.2f} s, host about {max(roi_seconds - device_seconds, 0):.2f} s")
-  return {"windows_per_second": device_rate, "roi_seconds": roi_seconds}
+  print(f"roi: {roi_seconds:.2f} s per {args.width} x {args.height} ROI ({n_windows} windows, "
+        f"{kind}): device about {device_seconds:.2f} s, host about "
+        f"{max(roi_seconds - device_seconds, 0):.2f} s")
+  devices = list(mesh.devices.flat)
+  total = flops_lib.compiled_flops(detector.jitted, params, batch_stats, threshold, windows,
+                                   n_devices=len(devices))
+  results = {"device_kind": devices[0].device_kind, "devices": len(devices),
+             "patch": args.patch, "batch": args.batch, "dtype": args.dtype,
+             "windows_per_second": device_rate, "roi_seconds": roi_seconds,
+             "roi_windows": n_windows}
+  results["cost"] = flops_lib.report("detect", total and total / args.batch, device_rate,
+                                     devices, args.dtype, args.peak_tflops, unit="window")
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=1)
+  return results
 
 
 if __name__ == "__main__":

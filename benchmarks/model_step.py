@@ -4,23 +4,26 @@
 
 Random images and 50 x 50 px boxes; AdamW; warm-up steps (compilation
 included) are not timed, then `--steps` timed iterations end with
-`block_until_ready`.
+`block_until_ready`. Also prints FLOPs per image from XLA's cost analysis,
+model FLOP utilisation (see `flops.py`) and the rate per device.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import jax
 import numpy as np
 import optax
 
+import flops as flops_lib  # benchmarks/flops.py, next to this file.
 from midog_jax import model as model_lib
 from midog_jax import steps
 
 
-def _fake_batch(batch: int, patch: int, boxes: int, seed: int = 0):
+def fake_batch(batch: int, patch: int, boxes: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   images = rng.normal(size=(batch, patch, patch, 3)).astype(np.float32)
   centres = rng.uniform(25, patch - 25, (batch, boxes, 2))
@@ -29,7 +32,7 @@ def _fake_batch(batch: int, patch: int, boxes: int, seed: int = 0):
   return images, gt, valid
 
 
-def _time(fn, warmup: int, iters: int) -> float:
+def time_calls(fn, warmup: int, iters: int) -> float:
   """Seconds per call of `fn` after `warmup` calls."""
   out = None
   for _ in range(warmup):
@@ -56,6 +59,11 @@ def main(argv=None) -> dict[str, float]:
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--mode", choices=["both", "train", "forward"],
                       default="both")
+  parser.add_argument("--peak-tflops", type=float, default=None,
+                      help="peak TFLOP/s per device for MFU (default: flops.py's table)")
+  parser.add_argument("--json", default=None, help="also write the results here")
+  parser.add_argument("--profile", default=None,
+                      help="after timing, trace --steps more calls into this directory")
   args = parser.parse_args(argv)
 
   devices = jax.devices()[:args.devices]
@@ -67,12 +75,13 @@ def main(argv=None) -> dict[str, float]:
                                      dtype=args.dtype)
   model = model_lib.build_model(config)
   images, gt, valid = steps.shard_batch(
-      _fake_batch(args.batch, args.patch, args.boxes), mesh)
+      fake_batch(args.batch, args.patch, args.boxes), mesh)
   print(f"device: {devices[0].device_kind} x {len(devices)}, patch "
         f"{args.patch}, batch {args.batch}, {args.dtype}, levels "
         f"{config.levels}")
 
-  results = {}
+  results = {"device_kind": devices[0].device_kind, "devices": len(devices),
+             "patch": args.patch, "batch": args.batch, "dtype": args.dtype}
   if args.mode in ("both", "train"):
     tx = optax.adamw(1e-4, b1=0.9, b2=0.99, weight_decay=0.01)
     graphdef, state = steps.init_train_state(model, tx)
@@ -83,20 +92,35 @@ def main(argv=None) -> dict[str, float]:
       holder[0], metrics = train_step(holder[0], images, gt, valid)
       return metrics
 
-    seconds = _time(train, args.warmup, args.steps)
+    seconds = time_calls(train, args.warmup, args.steps)
+    if args.profile:  # Traced apart, so the timing above carries no tracing cost.
+      with jax.profiler.trace(args.profile):
+        time_calls(train, 0, args.steps)
     results["train"] = args.batch / seconds
     print(f"train:   {results['train']:.1f} img/s "
           f"({seconds * 1e3:.1f} ms/step)")
+    total = flops_lib.compiled_flops(train_step, holder[0], images, gt, valid,
+                                     n_devices=len(devices))
+    results["train_cost"] = flops_lib.report(
+        "train", total and total / args.batch, results["train"], devices, args.dtype,
+        args.peak_tflops)
 
   if args.mode in ("both", "forward"):
     graphdef, params, stats = steps.split_model(model)
     params, stats = steps.replicate((params, stats), mesh)
     forward = steps.make_forward(graphdef, mesh=mesh)
-    seconds = _time(lambda: forward(params, stats, images), args.warmup,
+    seconds = time_calls(lambda: forward(params, stats, images), args.warmup,
                     args.steps)
     results["forward"] = args.batch / seconds
     print(f"forward: {results['forward']:.1f} img/s "
           f"({seconds * 1e3:.1f} ms/batch)")
+    total = flops_lib.compiled_flops(forward, params, stats, images, n_devices=len(devices))
+    results["forward_cost"] = flops_lib.report(
+        "forward", total and total / args.batch, results["forward"], devices, args.dtype,
+        args.peak_tflops)
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=1)
   return results
 
 

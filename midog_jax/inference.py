@@ -25,7 +25,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy.spatial import cKDTree
-from tqdm import tqdm
 
 from midog_jax import boxes as box_lib
 from midog_jax import steps
@@ -301,6 +300,8 @@ def detect_image(image: np.ndarray, detect_fn: Callable[..., Detections],
   origins = window_origins(w, h, patch, overlap, min_overlap)
   kwargs = {} if threshold is None else {"threshold": threshold}
   outputs = []
+  # Imported here: the model-step benchmarks run where tqdm may be absent.
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   with tqdm(total=len(origins), unit="window", disable=not progress,
             leave=False) as bar:
     for start in range(0, len(origins), batch_size):

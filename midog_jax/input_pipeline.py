@@ -1,10 +1,11 @@
 """Training and validation batches: plan -> host crops -> global jax.Arrays.
 
 The host only crops (uint8 windows with the margin augmentation needs, plus
-object centres, labels and a validity mask); augmentation and normalisation
-happen on the device inside the jitted step. The batch at step k is a pure
-function of (seed, k, case list, host count), so a resumed run sees exactly
-the batches it would have seen. Imports neither TensorFlow nor TFDS.
+object centres, labels and a validity mask), in several worker threads;
+augmentation and normalisation happen on the device inside the jitted step.
+The batch at step k is a pure function of (seed, k, case list, host count),
+whatever the number of workers, so a resumed run sees exactly the batches it
+would have seen. Imports neither TensorFlow nor TFDS.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class PatchInput:
     reuse_buffers: crop into the same host arrays every batch (twice as fast
       as fresh memory). None: only where the devices are not the CPU, since
       JAX's CPU arrays alias host memory instead of copying it.
+    workers: threads cropping windows of batches at once (the batches do not
+      depend on it). None or 0: `patches.default_workers()`, the cores this
+      process may use, at most 8.
   """
 
   def __init__(self, cases: Sequence, load_roi: Callable[[int], np.ndarray], *,
@@ -61,12 +65,14 @@ class PatchInput:
                seed: int, guided_fraction: float = 0.5, cache_bytes: int = 8 << 30,
                max_objects: int | None = None, mesh: Mesh | None = None,
                validation: bool = False, prefetch: int = 2, window: int = 1,
-               cache: patches.RoiCache | None = None, reuse_buffers: bool | None = None):
+               cache: patches.RoiCache | None = None, reuse_buffers: bool | None = None,
+               workers: int | None = None):
     self.cases = sampled_cases(cases)
     self.patch_size, self.crop_size = patch_size, augment.crop_size(patch_size)
     self.patches_per_epoch, self.seed = patches_per_epoch, seed
     self.guided_fraction, self.validation, self.prefetch = guided_fraction, validation, prefetch
     self.window = window
+    self.workers = workers or patches.default_workers()
     self.mesh = mesh or Mesh(np.array(jax.devices()), (DATA_AXIS,))
     if reuse_buffers is None:
       reuse_buffers = all(d.platform != "cpu" for d in self.mesh.devices.flat)
@@ -113,7 +119,7 @@ class PatchInput:
       yield from patches.batches(self.plan(0 if self.validation else epoch), self.cache,
                                  self.local_batch_size, self.crop_size, self.max_objects,
                                  start=offset, window=self.window,
-                                 reuse_buffers=self.reuse_buffers)
+                                 reuse_buffers=self.reuse_buffers, workers=self.workers)
       epoch, offset = epoch + 1, 0
 
   def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:

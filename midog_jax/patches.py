@@ -9,13 +9,18 @@ centre lies in the window, hard negatives included, padded to a fixed count;
 more objects than slots is an error, never a silent drop.
 
 Decoded ROIs live in an LRU `RoiCache` under a byte budget; budget 0 streams
-(every patch decodes its ROI again). This module imports neither TensorFlow
-nor TFDS.
+(every patch decodes its ROI again). `batches` can fill several windows of
+batches at once in worker threads: NumPy releases the GIL while it copies
+pixels, and each window is a pure function of the plan, so the batches are
+the same bytes for any number of workers. This module imports neither
+TensorFlow nor TFDS.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import os
 import threading
 from typing import Callable, Iterator, Sequence
 
@@ -151,8 +156,8 @@ class RoiCache:
 
   `loader(case_id)` decodes one ROI (uint8 [H, W, 3]). An ROI larger than
   the whole budget is returned without being kept, so budget 0 streams.
-  Kept ROIs are marked read-only. Safe to share between threads; two
-  threads missing on the same case may both decode it.
+  Returned ROIs are read-only. Safe to share between threads: threads
+  missing on a case another thread is decoding wait for that decode.
   """
 
   def __init__(self, loader: Callable[[int], np.ndarray], budget_bytes: int):
@@ -164,6 +169,7 @@ class RoiCache:
         collections.OrderedDict())
     self._nbytes = 0
     self._lock = threading.Lock()
+    self._loading: dict[int, concurrent.futures.Future] = {}
     self.hits = 0
     self.loads = 0
     self.evictions = 0
@@ -185,22 +191,37 @@ class RoiCache:
         self._images.move_to_end(case_id)
         self.hits += 1
         return image
+      loading = self._loading.get(case_id)
+      owner = loading is None
+      if owner:
+        loading = self._loading[case_id] = concurrent.futures.Future()
+      else:
+        self.hits += 1
+    if not owner:  # Another thread decodes it: share its result.
+      return loading.result()
     # Decode outside the lock so other threads keep hitting the cache.
-    image = np.asarray(self._loader(case_id))
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-      raise ValueError(f"case {case_id}: loader returned {image.dtype} "
-                       f"{image.shape}, expected uint8 [H, W, 3]")
+    try:
+      image = np.asarray(self._loader(case_id))
+      if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"case {case_id}: loader returned {image.dtype} "
+                         f"{image.shape}, expected uint8 [H, W, 3]")
+    except BaseException as e:
+      with self._lock:
+        del self._loading[case_id]
+      loading.set_exception(e)
+      raise
+    image.setflags(write=False)  # Shared between threads (and kept): keep it intact.
     with self._lock:
+      del self._loading[case_id]
       self.loads += 1
-      if image.nbytes > self.budget_bytes or case_id in self._images:
-        return image
-      image.setflags(write=False)  # Kept and shared: keep it intact.
-      while self._nbytes + image.nbytes > self.budget_bytes:
-        _, old = self._images.popitem(last=False)
-        self._nbytes -= old.nbytes
-        self.evictions += 1
-      self._images[case_id] = image
-      self._nbytes += image.nbytes
+      if image.nbytes <= self.budget_bytes and case_id not in self._images:
+        while self._nbytes + image.nbytes > self.budget_bytes:
+          _, old = self._images.popitem(last=False)
+          self._nbytes -= old.nbytes
+          self.evictions += 1
+        self._images[case_id] = image
+        self._nbytes += image.nbytes
+    loading.set_result(image)
     return image
 
   def clear(self) -> None:
@@ -246,10 +267,21 @@ def fill(plan: sampling.Plan, cache: RoiCache, crop_size: int,
   return out
 
 
+def default_workers() -> int:
+  """Input threads when none are asked for: the cores this process may use,
+  at most 8 (beyond that the copies are bound by memory bandwidth)."""
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # Not on Linux.
+    cores = os.cpu_count() or 1
+  return max(1, min(cores, 8))
+
+
 def batches(plan: sampling.Plan, cache: RoiCache, batch_size: int,
             crop_size: int, max_objects: int, start: int = 0,
             drop_remainder: bool = True, window: int = 1,
-            reuse_buffers: bool = False) -> Iterator[dict[str, np.ndarray]]:
+            reuse_buffers: bool = False, workers: int = 1
+            ) -> Iterator[dict[str, np.ndarray]]:
   """Host batches of `plan`, in plan order, from batch index `start` on.
 
   Args:
@@ -263,23 +295,66 @@ def batches(plan: sampling.Plan, cache: RoiCache, batch_size: int,
     drop_remainder: drop a last, smaller batch.
     window: batches prepared together, each ROI fetched once per window;
       with a streaming cache this trades host RAM for fewer decodes.
-    reuse_buffers: fill every window into the same arrays. A yielded batch
-      is then valid only until the next one is requested: the consumer must
-      copy it (e.g. to the accelerator) first.
+    reuse_buffers: fill windows into the same arrays (workers + 1 sets of
+      them circulate). A yielded batch is then valid only until the next
+      one is requested: the consumer must copy it (e.g. to the
+      accelerator) first.
+    workers: threads filling the next windows while the current one is
+      consumed; the batches are the same for any number. Streaming, up to
+      `workers` ROIs are decoded at once.
 
   Yields:
     dicts as `fill` returns them, of `batch_size` patches.
   """
-  if batch_size < 1 or window < 1:
-    raise ValueError(f"batch_size {batch_size} and window {window} must be positive")
+  if batch_size < 1 or window < 1 or workers < 1:
+    raise ValueError(f"batch_size {batch_size}, window {window} and workers {workers} "
+                     "must be positive")
   n = len(plan)
   stop = n - n % batch_size if drop_remainder else n
   span = batch_size * window
-  buffers = None
-  for lo in range(start * batch_size, stop, span):
-    filled = fill(plan.take(np.arange(lo, min(lo + span, stop))), cache, crop_size,
-                  max_objects, out=buffers)
-    if reuse_buffers:
-      buffers = filled
+  spans = [(lo, min(lo + span, stop)) for lo in range(start * batch_size, stop, span)]
+
+  def fill_span(lo_hi, out):
+    return fill(plan.take(np.arange(*lo_hi)), cache, crop_size, max_objects, out=out)
+
+  for filled in _in_order(fill_span, spans, workers, reuse_buffers):
     for b in range(0, len(filled["case_id"]), batch_size):
       yield {key: v[b:b + batch_size] for key, v in filled.items()}
+
+
+def _in_order(fill_one, jobs, workers: int, reuse_buffers: bool) -> Iterator:
+  """`fill_one(job, out)` of each job, in job order, `workers` jobs at once.
+
+  A result is yielded once every earlier one was, and its buffers go back to
+  the free list only when the next result is requested: reused arrays are
+  never refilled while the consumer may still read them.
+  """
+  free = [None] * (workers + 1)  # None: `fill` allocates, later calls reuse.
+  if workers == 1:  # No threads: the consumer's own thread fills.
+    for job in jobs:
+      filled = fill_one(job, free[-1])
+      yield filled
+      if reuse_buffers:
+        free[-1] = filled
+    return
+  jobs = iter(jobs)
+  pending: collections.deque = collections.deque()
+  pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="patches")
+
+  def submit():
+    job = next(jobs, None)
+    if job is not None:
+      pending.append(pool.submit(fill_one, job, free.pop()))
+
+  try:
+    for _ in range(workers):
+      submit()
+    while pending:
+      filled = pending.popleft().result()
+      submit()  # Takes the one free buffer set: `workers` fill, one is read.
+      yield filled
+      free.append(filled if reuse_buffers else None)
+  finally:  # Also when the consumer stops early: no thread outlives the batches.
+    for f in pending:
+      f.cancel()
+    pool.shutdown(wait=True)

@@ -15,3 +15,5 @@ def test_detect_benchmark_runs():
   lines = proc.stdout.splitlines()
   assert any(l.startswith("device:") and "windows/s" in l for l in lines)
   assert any(l.startswith("roi:") and "s per 300 x 200 ROI" in l for l in lines)
+  cost = [l for l in lines if l.startswith("detect cost:")]
+  assert len(cost) == 1 and "GFLOP/window" in cost[0] and "windows/s per device" in cost[0]

@@ -1,4 +1,4 @@
-"""Smoke test: the model-step benchmark runs on CPU at a tiny size."""
+"""Smoke test: the model-step benchmark runs on CPU at a tiny size; its FLOP count."""
 
 import os
 import pathlib
@@ -22,3 +22,32 @@ def test_benchmark_prints_rates():
   assert set(rates) == {"train", "forward"}, result.stdout
   assert all(float(r) > 0 for r in rates.values())
   assert "x 2" in result.stdout  # two devices were used
+  costs = dict(re.findall(r"^(train|forward) cost: ([0-9.]+) GFLOP/image.*"
+                          r"per device \(2 x cpu\)$", result.stdout, re.MULTILINE))
+  assert set(costs) == {"train", "forward"}, result.stdout
+  # Backward costs about twice the forward pass.
+  assert 2 < float(costs["train"]) / float(costs["forward"]) < 4
+
+
+def test_flops_count_every_device():
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  sys.path.insert(0, str(SCRIPT.parent))
+  try:
+    import flops
+  finally:
+    sys.path.remove(str(SCRIPT.parent))
+  from midog_jax import steps
+
+  w, x = jnp.ones((32, 16)), jnp.ones((8, 32))
+  for n in (1, 2, 4):
+    mesh = steps.make_mesh(jax.devices()[:n])
+    f = jax.jit(lambda w, x: x @ w, in_shardings=(NamedSharding(mesh, P()),
+                                                  NamedSharding(mesh, P("data"))))
+    assert flops.compiled_flops(f, w, x, n_devices=n) == 2 * 8 * 32 * 16
+  assert flops.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16")[0] == 989.0
+  assert flops.peak_tflops("NVIDIA H100 PCIe", "bfloat16")[0] == 756.0
+  assert flops.peak_tflops("NVIDIA H200", "float32")[0] is None
+  assert flops.utilisation(1e12, 100.0, 2, 100.0) == 0.5

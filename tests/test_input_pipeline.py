@@ -6,7 +6,7 @@ import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, PartitionSpec as P
 
-from midog_jax import annotations, augment, dataset, input_pipeline, synthetic
+from midog_jax import annotations, augment, dataset, input_pipeline, patches, synthetic
 from tfds_midogpp.midogpp import midogpp_dataset_builder as builder_lib
 
 PATCH = 64
@@ -129,3 +129,26 @@ def test_run_settings_are_checked_before_training(data_dir):
     run_data.build(tiny_config(data_dir, valid_patches_per_epoch=4))
   with pytest.raises(ValueError, match=r"lower num_folds"):
     run_data.build(tiny_config(data_dir, num_folds=11))
+
+
+def test_batches_do_not_depend_on_the_number_of_workers(data_dir, train_cases):
+  def host(workers, start=0, **kw):
+    pipe = _input(data_dir, train_cases, 1, workers=workers, prefetch=0, **kw)
+    assert pipe.workers == workers
+    return [{k: v.copy() for k, v in b.items()} for b in pipe.host_batches(start, epochs=2)]
+
+  one = host(1)
+  assert len(one) == 10
+  runs = [host(2), host(3), host(3, reuse_buffers=True, window=2, cache_bytes=0)]
+  resumed = host(2, start=4, reuse_buffers=True)
+  for got, want in [(r, one) for r in runs] + [(resumed, one[4:])]:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+      for k in w:
+        np.testing.assert_array_equal(g[k], w[k])
+  # The global batches too, prepared ahead in the prefetch thread.
+  three = list(_input(data_dir, train_cases, 4, workers=3).batches(0, epochs=2))
+  for g, w in zip(three, one, strict=True):
+    for k in w:
+      np.testing.assert_array_equal(np.asarray(g[k]), w[k])
+  assert _input(data_dir, train_cases, 1).workers == patches.default_workers() >= 1

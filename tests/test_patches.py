@@ -1,3 +1,7 @@
+import concurrent.futures
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -261,3 +265,79 @@ def test_crop_border_padding_equals_reflected_indices():
       want = img[indices(patches._reflect(y0 - 16, 64, h))][
           :, indices(patches._reflect(x0 - 16, 64, w))]
       np.testing.assert_array_equal(patches.crop(img, x0, y0, 32, 64), want)
+
+
+def _copies(it):
+  return [{k: v.copy() for k, v in b.items()} for b in it]
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_workers_give_the_same_batches(reuse):
+  cases = [sampling.SampledCase(i, 90, 70, [[20, 20], [50, 30], [80, 5]], [1, 2, 1])
+           for i in range(5)]
+  shapes = {i: (70, 90) for i in range(5)}
+  plan = sampling.epoch_plan(cases, 46, P, seed=2, epoch=0)
+  want = _copies(patches.batches(plan, patches.RoiCache(_Loader(shapes), 1 << 20), 4, C, 3))
+  assert len(want) == 11
+  for workers in (2, 3):
+    for window, budget in ((1, 1 << 20), (2, 0)):
+      got, owners = [], []
+      for b in patches.batches(plan, patches.RoiCache(_Loader(shapes), budget), 4, C, 3,
+                               window=window, reuse_buffers=reuse, workers=workers):
+        time.sleep(0.002)  # A slow consumer: the workers fill ahead meanwhile.
+        # Still intact while held: no worker refills the batch being read.
+        np.testing.assert_array_equal(b["crops"], want[len(got)]["crops"])
+        got.append({k: v.copy() for k, v in b.items()})
+        if not any(b["crops"].base is o for o in owners):  # Arrays of a window.
+          owners.append(b["crops"].base)
+      assert len(got) == len(want)
+      for a, b in zip(want, got):
+        for key in a:
+          np.testing.assert_array_equal(a[key], b[key])
+      # Reused: `workers` windows being filled and one being read, no more.
+      windows = -(-len(got) // window)
+      assert len(owners) == (min(workers + 1, windows) if reuse else windows)
+      resumed = _copies(patches.batches(plan, patches.RoiCache(_Loader(shapes), budget), 4,
+                                        C, 3, start=5, window=window, workers=workers,
+                                        reuse_buffers=reuse))
+      for a, b in zip(want[5:], resumed, strict=True):
+        np.testing.assert_array_equal(a["crops"], b["crops"])
+
+
+def test_worker_errors_reach_the_consumer():
+  cases = [sampling.SampledCase(i, 90, 70, [[20, 20]] * 4, [1] * 4) for i in range(3)]
+  plan = sampling.epoch_plan(cases, 24, P, seed=0, epoch=0)
+  loader = _Loader({i: (70, 90) for i in range(3)})
+  with pytest.raises(ValueError, match="more than max_objects=3"):
+    list(patches.batches(plan, patches.RoiCache(loader, 1 << 20), 4, C, 3, workers=2))
+
+
+def test_roi_cache_decodes_once_for_concurrent_misses():
+  release, calls = threading.Event(), []
+
+  def loader(case_id):
+    calls.append(case_id)
+    release.wait(10)
+    if case_id == 1:
+      raise OSError("unreadable")
+    return _image(10, 10)
+
+  for budget in (0, 1 << 20):
+    cache, calls[:] = patches.RoiCache(loader, budget), []
+    release.clear()
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+      got = [pool.submit(cache.get, 0) for _ in range(4)]
+      bad = [pool.submit(cache.get, 1) for _ in range(2)]
+      deadline = time.monotonic() + 10
+      while cache.hits < 4 and time.monotonic() < deadline:  # All waiting on 2 decodes.
+        time.sleep(0.001)
+      release.set()
+      images = [f.result() for f in got]
+      for f in bad:
+        with pytest.raises(OSError, match="unreadable"):
+          f.result()
+    assert sorted(calls) == [0, 1] and cache.loads == 1
+    assert all(im is images[0] and not im.flags.writeable for im in images)
+    with pytest.raises(OSError):  # A failed decode is not remembered: tried again.
+      cache.get(1)
+    assert calls.count(1) == 2
