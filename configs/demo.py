@@ -2,14 +2,24 @@
 
 The same code path as a real run, with small patches, few epochs and a
 learning rate for a network trained from scratch (no ImageNet weights).
+`configs/demo.py` trains on all tumour types; `configs/demo.py:<tumour type>`
+(e.g. `configs/demo.py:canine_lymphoma`) on that type alone, as
+`configs/single_domain.py:<tumour type>` does at full scale.
 """
 
 from configs import default
+from midog_jax import domains
 
 
-def get_config():
+def get_config(tumor_type: str | None = None):
   config = default.get_config()
-  config.experiment = "all_domains"  # The all-tumour-types experiment, at demo scale.
+  if tumor_type:
+    slug = domains.tumor_type(tumor_type).slug
+    config.experiment = f"single_{slug}"
+    config.tumor_types = slug
+  else:
+    config.experiment = "all_domains"  # The all-tumour-types experiment, at demo scale.
+    config.tumor_types = "all"
   config.patch_size = 128
   config.batch_size = 8
   config.train_patches_per_epoch = 160

@@ -1,6 +1,6 @@
 """The whole system on a synthetic MIDOG++, in one command.
 
-  python -m midog_jax.demo [--workdir midog_demo] [--config configs/demo.py]
+  python -m midog_jax.demo [--workdir midog_demo] [--config configs/demo.py[:<tumour type>]]
 
 Writes a synthetic MIDOG++ in the real formats (all 10 domains), builds it
 with the real TFDS builder, trains with the real trainer, detects on the
@@ -8,7 +8,11 @@ test split with the real detector (threshold chosen on the validation
 fold), scores it as the MIDOG challenge does and writes the report: a table
 per tumour type, heatmap and overlay PNGs, and WORKDIR/summary.json.
 Re-running reuses every stage already done. The same command runs on a GPU
-or TPU.
+or TPU. Output goes to ./midog_demo unless --workdir says otherwise. The
+seeds are fixed: the same machine, core count and JAX version give the same
+numbers; another one gives somewhat different ones (see README.md).
+--config.FIELD=VALUE sets any field of the configuration; --verbosity=1
+(-v 1) shows debug lines and other libraries' information.
 """
 
 from __future__ import annotations
@@ -18,18 +22,20 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
-from absl import logging as absl_logging
+from absl import logging as absl_logging  # noqa: F401  Defines --verbosity (-v).
 from ml_collections import config_flags
 
+from midog_jax import cli
 from midog_jax import files
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "demo.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config.",
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", "midog_demo", "Where data, run and report go.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "Training config (configs/demo.py:<tumour type> for one type).",
+    lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", "midog_demo", "Where data, run and report go "
+                               "(relative to the current directory).")
 _OVERLAYS = flags.DEFINE_integer("overlays", 4, "Test images drawn with their detections.")
 
 
@@ -44,6 +50,9 @@ def run(config, workdir: str, n_overlays: int = 4) -> dict:
   from midog_jax import synthetic, trainer
   from tfds_midogpp.midogpp import midogpp_dataset_builder as builder_lib
 
+  tty = cli.stderr_is_tty()
+  if not tty:  # Bars are for terminals; a log file gets the trainer's lines.
+    tfds.disable_progress_bar()
   start = time.time()
   workdir = os.path.abspath(workdir)
   manual, data_dir = os.path.join(workdir, "data", "manual"), os.path.join(workdir, "data", "tfds")
@@ -55,7 +64,7 @@ def run(config, workdir: str, n_overlays: int = 4) -> dict:
     print(f"reusing {manual}")
   else:
     synthetic.write_dataset(manual, s.cases_per_domain, s.width, s.height, seed=s.seed,
-                            density_scale=s.density_scale)
+                            density_scale=s.density_scale, progress=tty)
 
   _stage("2/5 TFDS build (tfds build midogpp --imports tfds_midogpp --manual_dir ...)")
   builder = builder_lib.Builder(data_dir=data_dir)
@@ -107,12 +116,16 @@ def run(config, workdir: str, n_overlays: int = 4) -> dict:
   return summary
 
 
-def main(argv):
-  del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  run(_CONFIG.value, _WORKDIR.value, _OVERLAYS.value)
+def main(argv) -> int:
+  """Runs the demo with the parsed flags (also callable by `absl.app.run`)."""
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {' '.join(argv[1:])} (see python -m midog_jax.demo "
+          "--help)", file=sys.stderr)
+    return 2
+  with cli.logging_to_stderr(cli.absl_verbosity()):
+    run(_CONFIG.value, _WORKDIR.value, _OVERLAYS.value)
+  return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.absl_main(main, __name__, __doc__))

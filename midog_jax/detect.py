@@ -15,25 +15,18 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-import jax
-import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
-from tqdm import tqdm
+from midog_jax import cli
 
-from midog_jax import checkpoints
-from midog_jax import files
-from midog_jax import inference
-from midog_jax import model as model_lib
-from midog_jax import normalization as normalization_lib
-from midog_jax import optim
-from midog_jax import overlay
-from midog_jax import predictions
-from midog_jax import roi_io
-from midog_jax import steps
+if TYPE_CHECKING:
+  import ml_collections
+  import numpy as np
 
+  from midog_jax import normalization as normalization_lib
+
+# JAX, Orbax, the model and the image readers are imported in the functions
+# that use them: `--help` and argument errors then answer at once.
 
 DEFAULT_OPERATING_POINT = 0.5  # The reference's `detect_thresh`.
 
@@ -60,6 +53,7 @@ def _checkpoint_dir(workdir: str | None, checkpoint: str | None) -> tuple[str, s
       raise FileNotFoundError(
           f"{checkpoint}: expected WORKDIR/checkpoints/STEP with WORKDIR/config.json")
     return workdir, checkpoint
+  from midog_jax import checkpoints
   workdir = os.path.abspath(workdir)
   if not os.path.exists(os.path.join(workdir, "config.json")):
     raise FileNotFoundError(f"{workdir}: not a training run (no config.json)")
@@ -79,6 +73,12 @@ def _checkpoint_dir(workdir: str | None, checkpoint: str | None) -> tuple[str, s
 
 def load_run(workdir: str | None = None, checkpoint: str | None = None) -> LoadedRun:
   """Loads config, normalisation and weights of a run (best epoch by default)."""
+  import jax
+  import ml_collections
+  import orbax.checkpoint as ocp
+  from midog_jax import model as model_lib
+  from midog_jax import normalization as normalization_lib
+  from midog_jax import optim, steps
   workdir, ckpt = _checkpoint_dir(workdir, checkpoint)
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
@@ -100,6 +100,8 @@ class Detector:
 
   def __init__(self, run: LoadedRun, threshold: float | None = None, batch_size: int | None = None,
                progress: bool = False):
+    import jax
+    from midog_jax import inference, steps
     mesh = steps.make_mesh(jax.local_devices())
     per_device = max(1, (batch_size or run.config.eval.batch_size) // mesh.size)
     self.batch_size = per_device * mesh.size
@@ -113,14 +115,16 @@ class Detector:
     self.min_overlap = run.config.eval.get("window_min_overlap", inference.MIN_OVERLAP)
 
   def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from midog_jax import inference
     return inference.detect_image(image, self._fn, *self._weights, self.patch, self.batch_size,
                                   min_overlap=self.min_overlap, progress=self.progress)
 
 
 def detect_all(detector: Detector, items: Iterable[tuple[str, np.ndarray]], total: int | None = None
                ) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-  """(name, image, xy, scores) per image, with a progress bar over images."""
-  for name, image in tqdm(items, total=total, desc="detect", unit="image"):
+  """(name, image, xy, scores) per image, with progress over images (a bar on a
+  terminal, a line every 30 s in a log file)."""
+  for name, image in cli.progress(items, total, "detect", "image"):
     xy, scores = detector(image)
     yield name, image, xy, scores
 
@@ -128,6 +132,7 @@ def detect_all(detector: Detector, items: Iterable[tuple[str, np.ndarray]], tota
 def _image_items(paths: Sequence[tuple[str, str]], failed: dict[str, str]
                  ) -> Iterator[tuple[str, np.ndarray]]:
   """(name, image) of each readable (path, name); failures go to `failed`."""
+  from midog_jax import roi_io
   for path, name in paths:
     try:
       image = roi_io.read_roi(path)
@@ -139,7 +144,7 @@ def _image_items(paths: Sequence[tuple[str, str]], failed: dict[str, str]
 
 def split_cases(run: LoadedRun, data_dir: str | None, split: str) -> list:
   """A dataset split's cases; "valid" is the run's own validation fold."""
-  from midog_jax import dataset  # TensorFlow only for reading the dataset.
+  from midog_jax import dataset, files  # TensorFlow only for reading the dataset.
   if split != "valid":
     return dataset.read_cases(data_dir, split)
   meta_path = os.path.join(run.workdir, "cases.json")
@@ -150,6 +155,7 @@ def split_cases(run: LoadedRun, data_dir: str | None, split: str) -> list:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  cli.quiet_startup()
   parser = argparse.ArgumentParser(prog="python -m midog_jax.detect",
                                    description=__doc__.splitlines()[0])
   source = parser.add_mutually_exclusive_group(required=True)
@@ -172,8 +178,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--geojson", default=None, help="folder for one QuPath GeoJSON per image")
   parser.add_argument("--overlay", default=None, help="folder for one overlay PNG per image")
   parser.add_argument("--batch-size", type=int, default=None, help="windows per device call")
-  parser.add_argument("-v", "--verbose", action="store_true", help="errors with their traceback")
+  parser.add_argument("-v", "--verbose", action="count", default=0,
+                      help="errors with their traceback and more log lines (-vv: all)")
   args = parser.parse_args(argv)
+  with cli.logging_to_stderr(args.verbose):
+    return _detect(args)
+
+
+def _detect(args: argparse.Namespace) -> int:
+  from midog_jax import overlay, predictions, roi_io
   try:
     _prepare_outputs(args)
     run = load_run(args.workdir, args.checkpoint)
@@ -204,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise
     print(f"error: {e}", file=sys.stderr)
     return 2
-  detector = Detector(run, args.min_score, args.batch_size, progress=True)
+  # A bar over each image's windows only on a terminal; a log gets one line per 30 s.
+  detector = Detector(run, args.min_score, args.batch_size, progress=cli.stderr_is_tty())
   operating, source = operating_point(run, args.threshold)
   print(f"operating point {operating:g} ({source}) for GeoJSON and overlays; the MIDOG JSON "
         f"keeps every detection above {detector.threshold:g} with its probability")
@@ -233,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def operating_point(run: LoadedRun, threshold: float | None) -> tuple[float, str]:
   """(threshold, where it came from): given, else chosen on the validation fold."""
+  from midog_jax import files
   if threshold is not None:
     return threshold, "--threshold"
   path = os.path.join(run.workdir, "evaluation.json")

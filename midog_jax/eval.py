@@ -1,7 +1,7 @@
 """MIDOG evaluation: score prediction files, or build the paper's domain matrices.
 
-  python -m midog_jax.eval score --annotations MIDOG++.json \
-      --splits datasets_xvalidation.csv --predictions test.json \
+  python -m midog_jax.eval score --annotations MIDOG++.json \\
+      --splits datasets_xvalidation.csv --predictions test.json \\
       [--split test|train] [--threshold T | --choose-threshold-on val.json] [--json]
   python -m midog_jax.eval --runs W --out REPORT [--compare-paper] [--data-dir D]
 
@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from midog_jax import annotations as annotations_lib
+from midog_jax import cli
 from midog_jax import metrics
 from midog_jax import predictions as predictions_lib
 
@@ -34,7 +35,7 @@ def scored_cases(cases: Sequence[annotations_lib.Case],
   if missing:
     # The reference scorer skips such cases; counting them as empty is stricter.
     logging.warning("No predictions for %d case(s), scored as empty: %s",
-                    len(missing), ", ".join(missing[:5]))
+                    len(missing), cli.first_of(missing))
   out = []
   for c in cases:
     d = dets.get(c.file_name, predictions_lib.Detections(np.zeros((0, 2)), np.zeros(0)))
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="prediction JSON of validation cases; the threshold with the "
                       "best pooled F1 on them (0.50 ... 0.99) is applied")
   p.add_argument("--json", action="store_true", help="print the report as JSON")
-  p.add_argument("-v", "--verbose", action="store_true", help="errors with their traceback")
+  p.add_argument("-v", "--verbose", action="count", default=0,
+                 help="errors with their traceback and more log lines (-vv: all)")
   p.set_defaults(func=_run_score)
   return parser
 
@@ -141,7 +143,8 @@ def build_runs_parser() -> argparse.ArgumentParser:
                       help="put the paper's Tables 4-7 values beside each cell")
   parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: the runs')")
   parser.add_argument("--folds", default="0,1,2,3,4", help="folds expected per experiment")
-  parser.add_argument("-v", "--verbose", action="store_true", help="errors with their traceback")
+  parser.add_argument("-v", "--verbose", action="count", default=0,
+                      help="errors with their traceback and more log lines (-vv: all)")
   return parser
 
 
@@ -161,11 +164,15 @@ def _run_runs(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  cli.quiet_startup()
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] in ("score", "-h", "--help") or not argv:
     args = build_parser().parse_args(argv)
-    return args.func(args)
-  return _run_runs(build_runs_parser().parse_args(argv))
+    with cli.logging_to_stderr(args.verbose):
+      return args.func(args)
+  args = build_runs_parser().parse_args(argv)
+  with cli.logging_to_stderr(args.verbose):
+    return _run_runs(args)
 
 
 if __name__ == "__main__":

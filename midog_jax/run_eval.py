@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from typing import Iterator
 
-
+from midog_jax import cli
 from midog_jax import dataset
 from midog_jax import detect
 from midog_jax import domain_matrix
@@ -106,18 +107,25 @@ def evaluate_all(root: str, out_dir: str, data_dir: str | None = None,
   if data_dir is None:  # The runs' own, from the first run's configuration.
     with open(os.path.join(runs[0], "config.json"), encoding="utf-8") as f:
       data_dir = json.load(f)["data_dir"]
+  logging.info("Evaluating %d finished run(s) under %s; reading the cases of %s.", len(runs),
+               root, data_dir)
   train_cases = dataset.read_cases(data_dir, "train")
   test_cases = dataset.read_cases(data_dir, "test")
   all_cases = {c.case_id: c for c in train_cases + test_cases}
   reader = dataset.RoiReader(data_dir)
   rois = patches.RoiCache(lambda i: reader(all_cases[i]), cache_bytes)
   results, evaluations = [], []
+  # Even with every prediction cached, loading each run takes a second or two.
+  bar = cli.Progress(len(runs), "eval", "run", interval=10.0)
   for workdir in runs:
+    bar.set_postfix(os.path.relpath(workdir, root))
     ev = evaluate_run(workdir, rois, train_cases, test_cases)
+    bar.update(1)
     evaluations.append({"workdir": os.path.relpath(workdir, root), **metrics.json_safe(ev)})
     per_tumor = {t: {k: m[k] for k in ("f1", "ap", "tp", "fp", "fn")}
                  for t, m in ev["test"]["tumor_types"].items()}
     results.append(domain_matrix.RunResult(ev["experiment"], ev["fold"], per_tumor))
+  bar.close()
   os.makedirs(out_dir, exist_ok=True)
   files.write_json(os.path.join(out_dir, "runs.json"), evaluations)
   return [os.path.join(out_dir, "runs.json")] + list(

@@ -1,23 +1,25 @@
 """The paper's Table 2 per domain: `python -m midog_jax.stats`.
 
-  python -m midog_jax.stats --annotations MIDOG++.json \
+  python -m midog_jax.stats --annotations MIDOG++.json \\
       --splits datasets_xvalidation.csv [--json]
+
+Domains 6a and 6b share tumour type and scanner; the lab tells them apart.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from typing import Any, Sequence
 
 import numpy as np
 
 from midog_jax import annotations as annotations_lib
+from midog_jax import cli
 from midog_jax import domains
 
-COLUMNS = ("domain", "tumor_type", "scanner", "cases", "train_cases",
+COLUMNS = ("domain", "tumor_type", "scanner", "lab", "cases", "train_cases",
            "test_cases", "mitotic_figures", "mitotic_figures_median",
            "non_mitotic_figures", "non_mitotic_figures_median")
 
@@ -33,6 +35,7 @@ def domain_table(cases: Sequence[annotations_lib.Case]) -> list[dict[str, Any]]:
         "domain": d.id,
         "tumor_type": d.tumor.slug,
         "scanner": d.scanner.name,
+        "lab": d.lab,
         "cases": len(mine),
         "train_cases": sum(c.split == "train" for c in mine),
         "test_cases": sum(c.split == "test" for c in mine),
@@ -45,20 +48,20 @@ def domain_table(cases: Sequence[annotations_lib.Case]) -> list[dict[str, Any]]:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-  head = ("domain", "tumour type", "scanner", "cases", "train", "test",
+  head = ("domain", "tumour type", "scanner", "lab", "cases", "train", "test",
           "MF sum", "MF median", "non-MF sum", "non-MF median")
-  body = [(r["domain"], domains.tumor_type(r["tumor_type"]).display, r["scanner"],
+  body = [(r["domain"], domains.tumor_type(r["tumor_type"]).display, r["scanner"], r["lab"],
            r["cases"], r["train_cases"], r["test_cases"],
            f"{r['mitotic_figures']:,}", _num(r["mitotic_figures_median"]),
            f"{r['non_mitotic_figures']:,}", _num(r["non_mitotic_figures_median"]))
           for r in rows]
-  total = ("total", "", "", sum(r["cases"] for r in rows),
+  total = ("total", "", "", "", sum(r["cases"] for r in rows),
            sum(r["train_cases"] for r in rows), sum(r["test_cases"] for r in rows),
            f"{sum(r['mitotic_figures'] for r in rows):,}", "",
            f"{sum(r['non_mitotic_figures'] for r in rows):,}", "")
   table = [head, *body, total]
   widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
-  lines = ["  ".join(str(v).rjust(w) if i >= 3 else str(v).ljust(w)
+  lines = ["  ".join(str(v).rjust(w) if i >= 4 else str(v).ljust(w)
                      for i, (v, w) in enumerate(zip(row, widths))) for row in table]
   lines.insert(1, "  ".join("-" * w for w in widths))
   return "\n".join(lines)
@@ -75,9 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--splits", required=True, help="path of datasets_xvalidation.csv")
   parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
   try:
-    cases = annotations_lib.load_cases(args.annotations, args.splits)
+    with cli.logging_to_stderr():
+      cases = annotations_lib.load_cases(args.annotations, args.splits)
   except annotations_lib.AnnotationError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

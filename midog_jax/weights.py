@@ -23,14 +23,22 @@ import argparse
 import hashlib
 import os
 import re
+import socket
 import sys
+import urllib.parse
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from midog_jax import model as model_lib
+from midog_jax import cli
+
+if TYPE_CHECKING:
+  from flax import nnx
+
+  from midog_jax import model as model_lib
+
+# JAX, Flax and the model are imported where used, so that `--help` answers at once.
 
 # Our variable name -> torchvision's suffix.
 _SUFFIX = {"kernel": "weight", "scale": "weight", "bias": "bias",
@@ -52,11 +60,13 @@ class WeightsError(ValueError):
 
 
 def _body(module: nnx.Module) -> model_lib.ResNet18:
+  from midog_jax import model as model_lib
   return module.body if isinstance(module, model_lib.RetinaNet) else module
 
 
 def body_variables(module: nnx.Module) -> dict[str, nnx.Variable]:
   """The body's variables by torchvision name, e.g. `layer1.0.bn1.weight`."""
+  from flax import nnx
   out = {}
   for path, node in nnx.iter_graph(_body(module)):
     if isinstance(node, (nnx.Param, nnx.BatchStat)):
@@ -66,6 +76,8 @@ def body_variables(module: nnx.Module) -> dict[str, nnx.Variable]:
 
 
 def _expected_shapes() -> dict[str, tuple[int, ...]]:
+  from flax import nnx
+  from midog_jax import model as model_lib
   body = nnx.eval_shape(lambda: model_lib.ResNet18(rngs=nnx.Rngs(0)))
   return _shapes(body_variables(body))
 
@@ -136,7 +148,10 @@ def fetch_imagenet() -> str:
     return _verified(hf_hub_download(**args, local_files_only=True))
   except LocalEntryNotFoundError:
     pass
+  from huggingface_hub import constants
   try:
+    if not constants.HF_HUB_OFFLINE:
+      _check_reachable(constants.ENDPOINT)
     path = hf_hub_download(**args, etag_timeout=10)
   except Exception as e:  # Offline, proxy, hub down: one line with the remedy.
     raise WeightsError(
@@ -145,6 +160,19 @@ def fetch_imagenet() -> str:
         "internet is reachable and pass --config.model.body_weights=PATH, or "
         "--config.model.body_weights=none to train from scratch") from None
   return _verified(path)
+
+
+def _check_reachable(url: str, timeout_s: float = 10.0) -> None:
+  """Fails at once when offline, instead of after the hub client's retries.
+
+  Skipped behind a proxy, where a direct connection may fail while the
+  download works.
+  """
+  if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    return
+  parsed = urllib.parse.urlparse(url)
+  port = parsed.port or (443 if parsed.scheme == "https" else 80)
+  socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
 
 
 def _verified(path: str) -> str:
@@ -182,6 +210,7 @@ def read_body_arrays(path: str) -> dict[str, np.ndarray]:
 
 def load_body_weights(module: nnx.Module, path: str) -> None:
   """Loads body weights (.npz or .safetensors) into `module` in place."""
+  import jax.numpy as jnp
   arrays = read_body_arrays(path)
   variables = body_variables(module)
   _check(arrays, _shapes(variables), path)
@@ -189,8 +218,10 @@ def load_body_weights(module: nnx.Module, path: str) -> None:
     var.set_value(jnp.asarray(arrays[name], var.get_value().dtype))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m midog_jax.weights")
+def main(argv: Sequence[str] | None = None) -> int:
+  cli.quiet_startup()
+  parser = argparse.ArgumentParser(prog="python -m midog_jax.weights",
+                                   description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest="command", required=True)
   convert = commands.add_parser(
       "convert", help="torchvision ResNet18 checkpoint -> .npz")
@@ -199,6 +230,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   convert.add_argument("--out", required=True, help="output .npz path")
   commands.add_parser("fetch", help=f"download {IMAGENET_URL} into the Hugging Face cache")
   args = parser.parse_args(argv)
+  with cli.logging_to_stderr():
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
   if args.command == "convert":
     convert_torchvision(args.torchvision, args.out)
     print(f"wrote {args.out}")

@@ -166,6 +166,21 @@ def test_missing_case_counts_as_empty(dataset, tmp_path, capsys):
   out, cases = dataset
   predictions_lib.write_predictions(tmp_path / "p.json", {}, {})
   assert eval_lib.main(_args(out, str(tmp_path / "p.json"), "--json")) == 0
-  report = json.loads(capsys.readouterr().out)
+  captured = capsys.readouterr()
+  report = json.loads(captured.out)
   for c in cases:
     assert report["cases"][c.file_name] == {"tp": 0, "fp": 0, "fn": len(c.mitotic_figures)}
+  # One warning line that says how many it names of how many.
+  n = len(report["cases"])
+  assert n > 5
+  warning = [l for l in captured.err.splitlines() if "No predictions" in l]
+  assert warning == [f"warning: No predictions for {n} case(s), scored as empty: "
+                     + ", ".join(list(report["cases"])[:5])
+                     + f" (first 5 of {n})"]
+
+
+def test_first_of_says_when_it_truncates():
+  from midog_jax import cli
+  assert cli.first_of(["a", "b"]) == "a, b"
+  assert cli.first_of(list("abcdef"), 5) == "a, b, c, d, e (first 5 of 6)"
+  assert cli.first_of(list("abcde"), 5) == "a, b, c, d, e"

@@ -51,3 +51,15 @@ def test_table_of_synthetic_counts(tmp_path):
                                                    tmp_path / "datasets_xvalidation.csv"))
   assert sum(r["mitotic_figures"] for r in rows) == sum(len(c.mitotic_figures) for c in cases)
   assert all(r["cases"] == 2 for r in rows)
+
+
+def test_the_lab_tells_domains_6a_and_6b_apart():
+  rows = {r["domain"]: r for r in stats.domain_table([])}
+  a, b = rows["6a"], rows["6b"]
+  assert (a["tumor_type"], a["scanner"]) == (b["tumor_type"], b["scanner"])
+  assert (a["lab"], b["lab"]) == ("AMC New York", "VMU Vienna")
+  lines = stats.format_table(list(rows.values())).splitlines()
+  assert lines[0].split()[:5] == ["domain", "tumour", "type", "scanner", "lab"]
+  row_6a = next(l for l in lines if l.startswith("6a "))
+  row_6b = next(l for l in lines if l.startswith("6b "))
+  assert "AMC New York" in row_6a and "VMU Vienna" in row_6b
