@@ -75,11 +75,11 @@ def main(argv=None) -> list[dict]:
         py, "-m", "midog_jax.synthetic", "--out", str(manual), "--cases-per-domain",
         str(args.cases_per_domain), "--width", str(args.width), "--height", str(args.height),
         "--seed", "0", "--density-scale", "1"], manual, work / "synthetic.log"))
-  if not (data / "midogpp" / "1.0.0" / "dataset_info.json").exists():
+  if not (data / "midogpp" / "full" / "1.1.0" / "dataset_info.json").exists():
     rows.append(_stage("tfds build", [
         str(pathlib.Path(py).parent / "tfds"), "build", "midogpp", "--imports", "tfds_midogpp",
         "--manual_dir", str(manual), "--data_dir", str(data)], data, work / "build.log"))
-  info = json.loads((data / "midogpp" / "1.0.0" / "dataset_info.json").read_text())
+  info = json.loads((data / "midogpp" / "full" / "1.1.0" / "dataset_info.json").read_text())
   shards = {s["name"]: len(s.get("shardLengths", [])) for s in info["splits"]}
   print(json.dumps({"shards": shards}), flush=True)
   if not (run / "summary.json").exists():

@@ -28,9 +28,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.valid_patches_per_epoch = 250
   config.guided_fraction = 0.5
   config.num_epochs = 100  # Reference code: 100; the paper: 200.
-  config.cache_bytes = 48 << 30  # Decoded ROIs kept in host RAM.
+  config.cache_bytes = 48 << 30  # Decoded ROIs kept in host RAM (roi_store "ram").
+  # "disk": each ROI decoded once per dataset to a raw file and memory-mapped
+  # (shared by every run); "ram": decoded by each run; "auto": disk where the
+  # folder is local, writable and has room, else ram.
+  config.roi_store = "auto"
+  config.decoded_dir = ml_collections.FieldReference(None, field_type=str)  # Default: beside the dataset.
   config.stream_window = 8  # Batches cropped together (fewer decodes when streaming).
   config.prefetch = 2
+  # Threads cropping patches on the host (same batches for any number);
+  # 0: the cores this process may use, at most 8.
+  config.input_workers = 0
 
   config.model = ml_collections.ConfigDict()
   config.model.levels = (4,)  # Stride-16 level: `sizes=[32]` at 512 px.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Iterator, Sequence
 
 import imagecodecs
@@ -81,11 +82,14 @@ def _builder(data_dir: str | None):
   _tf()
   import tensorflow_datasets as tfds
   import tfds_midogpp  # noqa: F401  Registers the builder.
+  if data_dir and (epath.Path(data_dir).expanduser() / "dataset_info.json").exists():
+    # A built dataset's own folder, e.g. a subset: .../midogpp/<config>/<version>.
+    return tfds.builder_from_directory(os.fspath(epath.Path(data_dir).expanduser()))
   builder = tfds.builder(DATASET, data_dir=data_dir)
   if not builder.is_prepared():
     raise FileNotFoundError(
         f"the {DATASET} dataset is not built in {builder.data_dir}; run "
-        f"`tfds build {DATASET} --imports tfds_midogpp --manual_dir DIR"
+        f"`tfds build {DATASET} --imports tfds_midogpp [--manual_dir DIR]"
         + (f" --data_dir {data_dir}`" if data_dir else "`"))
   return builder
 
@@ -154,6 +158,8 @@ def read_cases(data_dir: str | None, split: str) -> list[CaseInfo]:
   """
   builder = _builder(data_dir)
   folder = epath.Path(builder.data_dir)
+  if split not in builder.info.splits:  # A subset build may lack a split.
+    return []
   paths = builder.info.splits[split].filepaths
   key = _shard_key(paths)
   index_path = folder / f"midog_jax-cases-{split}.json"
@@ -212,6 +218,11 @@ class RoiReader:
     builder = _builder(data_dir)
     self._folder = epath.Path(builder.data_dir)
     self._features = builder.info.features
+
+  @property
+  def folder(self) -> str:
+    """The built dataset's folder (its shards and the project's files)."""
+    return os.fspath(self._folder)
 
   def __call__(self, case: CaseInfo) -> np.ndarray:
     import tensorflow_datasets as tfds

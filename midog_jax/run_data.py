@@ -8,6 +8,7 @@ over the training cases' tissue, and measures validation AP on full ROIs.
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
 import ml_collections
@@ -17,6 +18,7 @@ from jax.sharding import Mesh
 from midog_jax import annotations
 from midog_jax import augment
 from midog_jax import dataset
+from midog_jax import decoded_store
 from midog_jax import folds as folds_lib
 from midog_jax import inference
 from midog_jax import input_pipeline
@@ -83,7 +85,7 @@ def reference_selection_fn(config: ml_collections.ConfigDict, cases, cache: patc
       cases, None, patch_size=config.patch_size,
       patches_per_epoch=config.valid_patches_per_epoch, global_batch_size=config.batch_size,
       seed=seed, guided_fraction=config.guided_fraction, mesh=mesh, cache=cache, prefetch=0,
-      window=config.stream_window, max_objects=max_objects)
+      window=config.stream_window, max_objects=max_objects, workers=config.input_workers)
   margin = augment.margin(config.patch_size)
   fns = {}
 
@@ -113,6 +115,18 @@ def _all_hosts(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def roi_cache(config: ml_collections.ConfigDict, reader: dataset.RoiReader,
+              cases) -> patches.RoiCache:
+  """Decoded ROIs for the input: in RAM, or decoded once to disk and mapped."""
+  by_id = {c.case_id: c for c in cases}
+  folder = config.decoded_dir or os.path.join(reader.folder, decoded_store.FOLDER)
+  if decoded_store.choose(config.roi_store, cases, config.cache_bytes, folder) == "ram":
+    return patches.RoiCache(lambda i: reader(by_id[i]), config.cache_bytes)
+  store = decoded_store.DecodedStore(reader, folder)
+  # Mapped files hold page cache, not the process's memory: keep them all open.
+  return patches.RoiCache(lambda i: store(by_id[i]), decoded_store.decoded_bytes(cases))
+
+
 def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> trainer.RunData:
   """The run's data for `config` (tumour types, fold, sampling, cache)."""
   all_train = dataset.read_cases(config.data_dir, "train")
@@ -127,10 +141,11 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> traine
   norm = dataset.normalization_of(train_cases)
   reader = dataset.RoiReader(config.data_dir)
   by_id = {c.case_id: c for c in selected}
-  cache = patches.RoiCache(lambda i: reader(by_id[i]), config.cache_bytes)
+  cache = roi_cache(config, reader, selected)
   common = dict(patch_size=config.patch_size, global_batch_size=config.batch_size,
                 seed=config.seed, guided_fraction=config.guided_fraction, mesh=mesh,
-                cache=cache, prefetch=config.prefetch, window=config.stream_window)
+                cache=cache, prefetch=config.prefetch, window=config.stream_window,
+                workers=config.input_workers)
   max_objects = patches.max_objects_in_window(
       input_pipeline.sampled_cases(selected), augment.crop_size(config.patch_size))
   train_input = input_pipeline.PatchInput(

@@ -5,7 +5,9 @@ normalization.json) at its first start. A later start with a configuration
 that changes the result is refused with the differing fields listed; only
 fields that cannot change the result may differ. An exclusive lock
 (`flock`, released by the kernel when its process dies, so a killed run
-never leaves a stale lock) keeps a second process out.
+never leaves a stale lock) keeps a second process out. A launcher of many
+runs (`experiments run`) holds a second lock, the claim, while a run trains
+under it, so that other launchers pass that run by.
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ from midog_jax import files
 
 # Fields that do not change what is trained or selected.
 NEUTRAL_FIELDS = frozenset({
-    "data_dir", "cache_bytes", "stream_window", "prefetch", "log_every_steps",
-    "eval.batch_size", "resume_anyway", "synthetic"})
+    "data_dir", "cache_bytes", "stream_window", "prefetch", "input_workers",
+    "log_every_steps", "eval.batch_size", "resume_anyway", "synthetic",
+    "roi_store", "decoded_dir"})
+
+TRAIN_LOCK = ".lock"  # Held by the training process.
+CLAIM_LOCK = ".claim"  # Held by the launcher that started it.
 
 
 class WorkdirInUse(RuntimeError):
@@ -33,10 +39,10 @@ class WorkdirMismatch(ValueError):
 
 
 class Lock:
-  """An exclusive lock on `workdir/.lock`, held until `release` or exit."""
+  """An exclusive lock on `workdir/<name>`, held until `release` or exit."""
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, ".lock")
+  def __init__(self, workdir: str, name: str = TRAIN_LOCK):
+    self.path = os.path.join(workdir, name)
     self._file = None
 
   def acquire(self) -> "Lock":
@@ -68,6 +74,39 @@ class Lock:
 
   def __exit__(self, *exc):
     self.release()
+
+
+def holder(workdir: str, name: str = TRAIN_LOCK) -> str | None:
+  """Who holds `workdir/<name>` ("pid N on HOST"), or None if nobody does.
+
+  Probes without writing, so the file keeps naming its holder.
+  """
+  path = os.path.join(workdir, name)
+  try:
+    f = open(path, encoding="utf-8")
+  except FileNotFoundError:
+    return None
+  with f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      return f.read().strip() or "another process"
+    fcntl.flock(f, fcntl.LOCK_UN)
+  return None
+
+
+def claim(workdir: str) -> Lock | None:
+  """The claim on a run for one launcher, or None if another process holds
+  it or trains in `workdir` (a training started by hand)."""
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    lock = Lock(workdir, CLAIM_LOCK).acquire()
+  except WorkdirInUse:
+    return None
+  if holder(workdir) is not None:
+    lock.release()
+    return None
+  return lock
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -28,7 +28,7 @@ def test_every_layout_holds_the_same_cases(synthetic_layouts, split):
   by_layout = {n: dataset.read_cases(synthetic_layouts[n], split) for n in LAYOUTS}
   for n in LAYOUTS:
     builder = tfds.builder_from_directory(
-        str(pathlib.Path(synthetic_layouts[n]) / "midogpp" / "1.0.0"))
+        str(pathlib.Path(synthetic_layouts[n]) / "midogpp" / "full" / "1.1.0"))
     assert builder.info.splits[split].num_shards == n
     assert len({c.record.shard for c in by_layout[n]}) == n
   reference = by_layout[1]
@@ -66,7 +66,7 @@ def test_roi_reader_gives_each_case_its_own_pixels(synthetic_layouts):
 def test_case_index_is_kept_and_remade_when_the_build_changes(synthetic_layouts, tmp_path):
   data = tmp_path / "copy"
   shutil.copytree(synthetic_layouts[7], data)
-  folder = data / "midogpp" / "1.0.0"
+  folder = data / "midogpp" / "full" / "1.1.0"
   first = dataset.read_cases(str(data), "test")
   index = folder / "midog_jax-cases-test.json"
   assert index.exists()

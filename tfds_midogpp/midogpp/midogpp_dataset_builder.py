@@ -2,47 +2,92 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import logging
 import os
-import socket
 import sys
-import urllib.parse
+import tempfile
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from etils import epath
 
 from midog_jax import annotations as annotations_lib
 from midog_jax import domains
 from midog_jax import roi_io
 from midog_jax import tissue
+from tfds_midogpp.midogpp import sources
 
-# Pinned in the authors' repository; sizes and sha256 are in checksums.tsv.
-_REPO = ("https://raw.githubusercontent.com/DeepMicroscopy/MIDOGpp/"
-         "9f7c2a6b7b171699a320d4259e9b97dbd8453af1/")
-ANNOTATIONS_URL = _REPO + "databases/MIDOG%2B%2B.json"
-SPLITS_URL = _REPO + "datasets_xvalidation.csv"
+ANNOTATIONS_URL = sources.DEFAULT_ANNOTATIONS_URL + sources.ANNOTATION_PATHS["annotations"]
+SPLITS_URL = sources.DEFAULT_ANNOTATIONS_URL + sources.ANNOTATION_PATHS["splits"]
 ANNOTATIONS_FILE = "MIDOG++.json"
 SPLITS_FILE = "datasets_xvalidation.csv"
 MAX_VOTES = 3  # Two experts, plus a third where they disagreed.
 # zlib level 1: 5x faster to encode than the default, 7 % larger, decodes
 # as fast (measured on full-size ROIs, see README.md).
 PNG_COMPRESSION = 1
-CONNECT_TIMEOUT_S = 10
+
+
+class _QuietTfds(logging.Filter):
+  """Drops two TFDS notices that are expected here: the Beam runner notice
+  (one process is this builder's documented default) and the empty
+  version folder TFDS itself creates before writing."""
+  _NOTICES = ("no `beam_runner` nor `beam_options`", "has no dataset_info.json")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not any(n in message for n in self._NOTICES)
+
+
+for _logger in (logging.getLogger("absl"), logging.getLogger()):
+  _logger.addFilter(_QuietTfds())
+
+
+@dataclasses.dataclass(eq=False)
+class MidogppConfig(tfds.core.BuilderConfig):
+  """Which cases to build.
+
+  Attributes:
+    tumor_types: tumour types to keep (any spelling of the registry); empty:
+      all seven.
+    present_only: build only the cases whose images are in the manual
+      folder (the others are listed once), downloading nothing but the two
+      annotation files when they are absent.
+  """
+  tumor_types: tuple[str, ...] = ()
+  present_only: bool = False
+
+  def __post_init__(self):
+    # From `--config '{"tumor_types": [...]}'` the types arrive as a list.
+    self.tumor_types = tuple(domains.tumor_type(t).slug for t in self.tumor_types)
+
+  def select(self, cases):
+    if not self.tumor_types:
+      return list(cases)
+    return [c for c in cases if domains.tumor_type(c.tumor).slug in self.tumor_types]
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
   """DatasetBuilder for MIDOG++ (Aubreville et al., Scientific Data 2023)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release: 392 train and 111 test cases."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release: 392 train and 111 test cases.",
+      "1.1.0": "Images downloaded from figshare when not in the manual folder; "
+               "builder configs for subsets; built with Apache Beam. Same examples.",
+  }
+  BUILDER_CONFIG_CLASS = MidogppConfig
+  # One predefined config: `tfds build` builds every listed config when none
+  # is named. Subsets are custom configs, e.g.
+  # --config '{"name": "lymphoma", "tumor_types": ["canine_lymphoma"]}'.
+  BUILDER_CONFIGS = [MidogppConfig(name="full", description="All 503 cases.")]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
-  The 503 MIDOG++ images (001.tiff ... 553.tiff, about 65 GB) are in the
-  MIDOG++ figshare collection (reference 34 of the paper; one file per image:
-  https://figshare.com/ndownloader/files/<file id>). Put them in `manual_dir`
-  (or `manual_dir/images`). `MIDOG++.json` and `datasets_xvalidation.csv`
-  are read from `manual_dir` when present, otherwise downloaded from the
-  authors' repository at a pinned commit and checked against checksums.tsv.
+  Optional. The 503 MIDOG++ images (001.tiff ... 553.tiff, about 65 GB) are
+  downloaded from the MIDOG++ figshare collection when absent. Images already
+  in `manual_dir` (or `manual_dir/images`) are used instead, and so are
+  `MIDOG++.json` and `datasets_xvalidation.csv` there.
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -73,34 +118,96 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    manual = dl_manager.manual_dir
-    images = manual / "images" if (manual / "images").is_dir() else manual
-    local = {"annotations": manual / ANNOTATIONS_FILE, "splits": manual / SPLITS_FILE}
+    config = self.builder_config
+    manual = _manual_dir(dl_manager)
+    images = manual / "images" if manual and (manual / "images").is_dir() else manual
+    where = os.fspath(images) if images else "a folder given as --manual_dir"
     try:
-      if not all(p.exists() for p in local.values()):
-        _check_reachable(ANNOTATIONS_URL, manual)
-        local = dl_manager.download({"annotations": ANNOTATIONS_URL, "splits": SPLITS_URL})
-      cases = annotations_lib.load_cases(os.fspath(local["annotations"]),
-                                         os.fspath(local["splits"]))
-      missing = [c.file_name for c in cases if not (images / c.file_name).exists()]
-      if missing:  # All at once, before hours of work, not one by one.
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(cases)} images are missing in {images}: "
-            f"{', '.join(missing)}. Download them from the MIDOG++ figshare collection "
-            "into that folder and run the build again.")
-    except (ConnectionError, FileNotFoundError, annotations_lib.AnnotationError) as e:
+      sources.make_resilient(dl_manager, {})
+      notes, splits = self._annotation_files(dl_manager, manual)
+      cases = config.select(annotations_lib.load_cases(os.fspath(notes), os.fspath(splits)))
+      if not cases:
+        raise FileNotFoundError(f"no case of tumour types {config.tumor_types} in {notes}")
+      paths = {c.file_name: images / c.file_name for c in cases
+               if images and (images / c.file_name).exists()}
+      missing = [c.file_name for c in cases if c.file_name not in paths]
+      if missing and config.present_only:
+        if not paths:
+          raise FileNotFoundError(f"none of the {len(cases)} images is in {where}")
+        # Listed once, here, not per case.
+        logging.warning("Building the %d of %d cases whose images are in %s; %d missing: %s",
+                        len(paths), len(cases), where, len(missing), ", ".join(missing))
+        cases = [c for c in cases if c.file_name in paths]
+      elif missing:
+        paths.update(_download_images(dl_manager, missing, where))
+      for c in cases:  # Headers only: a bad file stops the build before any work.
+        if "://" not in os.fspath(paths[c.file_name]):
+          roi_io.check_file(os.fspath(paths[c.file_name]), (c.width, c.height))
+    except (OSError, ValueError, annotations_lib.AnnotationError) as e:
       _stop(e)
-    by_split = {s: [c for c in cases if c.split == s] for s in annotations_lib.SPLITS}
+    by_split = {s: [(os.fspath(paths[c.file_name]), c) for c in cases if c.split == s]
+                for s in annotations_lib.SPLITS}
     # A partial annotation set (e.g. a subset of cases) may lack a split.
-    return {s: self._generate_examples(images, cs) for s, cs in by_split.items() if cs}
+    return {s: self._generate_examples(items) for s, items in by_split.items() if items}
 
-  def _generate_examples(self, images, cases):
-    for case in cases:
-      try:
-        ex = example(os.fspath(images / case.file_name), case)
-      except roi_io.RoiError as e:
-        _stop(e)
-      yield case.file_name, ex
+  def _annotation_files(self, dl_manager, manual):
+    local = {"annotations": manual and manual / ANNOTATIONS_FILE,
+             "splits": manual and manual / SPLITS_FILE}
+    if all(p and p.exists() for p in local.values()):
+      return local["annotations"], local["splits"]
+    urls = sources.annotation_urls()
+    sources.check_reachable(urls["annotations"], f"{ANNOTATIONS_FILE} and {SPLITS_FILE}",
+                            f"the manual folder ({manual or '--manual_dir DIR'})")
+    paths = dl_manager.download(urls)
+    if os.environ.get(sources.ANNOTATIONS_URL_ENV):  # A mirror: not in checksums.tsv.
+      sources.verify_pinned(paths["annotations"], ANNOTATIONS_FILE, urls["annotations"])
+      sources.verify_pinned(paths["splits"], SPLITS_FILE, urls["splits"])
+    return paths["annotations"], paths["splits"]
+
+  def _generate_splits(self, dl_manager, download_config):
+    # Beam when asked for (worker processes, a cluster). In one process TFDS's
+    # own writer streams the examples to disk, without a pipeline to start.
+    self._use_beam = (download_config.beam_runner is not None
+                      or download_config.beam_options is not None)
+    return super()._generate_splits(dl_manager, download_config)
+
+  def _generate_examples(self, items):
+    """One example per (TIFF path, case): a Beam PTransform run in parallel
+    when Beam options are given, else a generator."""
+    if not getattr(self, "_use_beam", False):
+      return (_keyed_example(path, case) for path, case in items)
+    beam = tfds.core.lazy_imports.apache_beam
+    return beam.Create(items) | "Read TIFF and encode" >> beam.MapTuple(_keyed_example)
+
+
+def _manual_dir(dl_manager) -> epath.Path | None:
+  try:
+    return epath.Path(dl_manager.manual_dir)
+  except AssertionError:  # Not given, or absent or empty: download everything.
+    return None
+
+
+def _download_images(dl_manager, file_names, where) -> dict[str, epath.Path]:
+  urls = {name: sources.image_url(name) for name in file_names}
+  logging.info("Downloading %d images from %s", len(urls),
+               os.path.dirname(next(iter(urls.values()))))
+  shown = ", ".join(list(urls)[:20]) + (f" and {len(urls) - 20} more" if len(urls) > 20 else "")
+  sources.check_reachable(next(iter(urls.values())), f"{len(urls)} images ({shown})", where)
+  sources.make_resilient(
+      dl_manager, {url: sources.tiff_validator(name) for name, url in urls.items()})
+  paths = dl_manager.download(urls)  # One progress display for all files.
+  return {name: epath.Path(p) for name, p in paths.items()}
+
+
+def _keyed_example(path, case):
+  """(key, example) of one case. No annotations: Beam would log each string one."""
+  if "://" not in path:
+    return case.file_name, example(path, case)
+  # A cluster worker reading a bucket: tifffile needs a local file.
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, case.file_name)
+    epath.Path(path).copy(local)
+    return case.file_name, example(local, case)
 
 
 def _stop(error: Exception):
@@ -109,19 +216,6 @@ def _stop(error: Exception):
   if os.path.basename(sys.argv[0]) == "tfds":
     raise SystemExit(f"error: {error}") from None
   raise error
-
-
-def _check_reachable(url: str, manual) -> None:
-  """Fails within seconds, not after minutes of retries, when offline."""
-  parsed = urllib.parse.urlparse(url)
-  port = parsed.port or (443 if parsed.scheme == "https" else 80)
-  try:
-    socket.create_connection((parsed.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
-  except OSError as e:
-    raise ConnectionError(
-        f"cannot reach {parsed.hostname} to download {ANNOTATIONS_FILE} and {SPLITS_FILE} "
-        f"({e}); put both files in the manual folder ({manual}) and run the build again"
-    ) from None
 
 
 def example(path: str, case: annotations_lib.Case) -> dict:
