@@ -121,6 +121,14 @@ def _demoted(record: logging.LogRecord) -> bool:
              for m, part in _DEMOTED)
 
 
+class HideDemoted(logging.Filter):
+  """Drops the expected notices of `_DEMOTED`, for a process whose logging
+  this module does not set up (the `tfds build` command)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not _demoted(record)
+
+
 class _LevelFilter(logging.Filter):
   """The project's records from `own`, the others from `other`."""
 

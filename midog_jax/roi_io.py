@@ -56,17 +56,20 @@ def missing_bytes(path: str | os.PathLike[str]) -> int:
   Reads only the directories: a cheap check that a download is complete.
   """
   path = os.fspath(path)
-  size = os.path.getsize(path)
   with _open(path) as tif:
-    try:
-      ends = [o + c for page in tif.pages
-              for o, c in zip(page.dataoffsets, page.databytecounts)]
-    except Exception as e:  # tifffile raises many types for broken directories.
-      raise RoiError(f"{path}: not a readable TIFF ({e}). Download the file again; "
-                     "it may be truncated.") from None
+    return _missing_bytes(tif, path)
+
+
+def _missing_bytes(tif: tifffile.TiffFile, path: str) -> int:
+  try:
+    ends = [o + c for page in tif.pages
+            for o, c in zip(page.dataoffsets, page.databytecounts)]
+  except Exception as e:  # tifffile raises many types for broken directories.
+    raise RoiError(f"{path}: not a readable TIFF ({e}). Download the file again; "
+                   "it may be truncated.") from None
   if not ends:
     raise RoiError(f"{path}: the TIFF holds no image data")
-  return max(0, max(ends) - size)
+  return max(0, max(ends) - os.path.getsize(path))
 
 
 def check_file(path: str | os.PathLike[str],
@@ -78,10 +81,10 @@ def check_file(path: str | os.PathLike[str],
       or a size other than `expected_size` (width, height).
   """
   path = os.fspath(path)
-  if missing := missing_bytes(path):
-    raise RoiError(f"{path}: {missing} bytes of image data are missing; the file is "
-                   "truncated. Download it again.")
   with _open(path) as tif:
+    if missing := _missing_bytes(tif, path):
+      raise RoiError(f"{path}: {missing} bytes of image data are missing; the file is "
+                     "truncated. Download it again.")
     series = tif.series[0]
     level = series.levels[0] if series.levels else series
     dtype, shape, axes = level.dtype, level.shape, level.axes

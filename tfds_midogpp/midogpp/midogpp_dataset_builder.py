@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from midog_jax import annotations as annotations_lib
+from midog_jax import cli
 from midog_jax import domains
 from midog_jax import roi_io
 from midog_jax import tissue
@@ -30,19 +31,18 @@ MAX_VOTES = 3  # Two experts, plus a third where they disagreed.
 PNG_COMPRESSION = 1
 
 
-class _QuietTfds(logging.Filter):
-  """Drops two TFDS notices that are expected here: the Beam runner notice
-  (one process is this builder's documented default) and the empty
-  version folder TFDS itself creates before writing."""
-  _NOTICES = ("no `beam_runner` nor `beam_options`", "has no dataset_info.json")
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    message = record.getMessage()
-    return not any(n in message for n in self._NOTICES)
 
 
-for _logger in (logging.getLogger("absl"), logging.getLogger()):
-  _logger.addFilter(_QuietTfds())
+def _under_tfds_command() -> bool:
+  return os.path.basename(sys.argv[0]) == "tfds"
+
+
+if _under_tfds_command():
+  # TFDS's notice about the version folder it creates itself, and Beam's
+  # expected notices, are not for the user. (The project's own commands
+  # hide them through `cli.setup_logging`, and show them at verbosity 2.)
+  for _logger in (logging.getLogger("absl"), logging.getLogger()):
+    _logger.addFilter(cli.HideDemoted())
 
 
 @dataclasses.dataclass(eq=False)
@@ -213,7 +213,7 @@ def _keyed_example(path, case):
 def _stop(error: Exception):
   """Raises `error`; under the `tfds` command line, as one line without a
   traceback (SystemExit passes through TFDS and prints only its message)."""
-  if os.path.basename(sys.argv[0]) == "tfds":
+  if _under_tfds_command():
     raise SystemExit(f"error: {error}") from None
   raise error
 
