@@ -76,6 +76,7 @@ def load_run(workdir: str | None = None, checkpoint: str | None = None) -> Loade
   import jax
   import ml_collections
   import orbax.checkpoint as ocp
+  from flax import nnx
   from midog_jax import model as model_lib
   from midog_jax import normalization as normalization_lib
   from midog_jax import optim, steps
@@ -84,12 +85,13 @@ def load_run(workdir: str | None = None, checkpoint: str | None = None) -> Loade
     config = ml_collections.ConfigDict(json.load(f))
   norm = normalization_lib.Normalization.load(os.path.join(workdir, "normalization.json"))
   m = config.model
-  model = model_lib.build_model(model_lib.RetinaNetConfig(
-      levels=tuple(m.levels), num_classes=m.num_classes, dtype=m.dtype), seed=0)
+  model_config = model_lib.RetinaNetConfig(levels=tuple(m.levels), num_classes=m.num_classes,
+                                           dtype=m.dtype)
   discriminative = config.optim.discriminative
   tx = optim.make_optimizer(1, discriminative=tuple(discriminative) if discriminative else None)
-  graphdef, like = steps.init_train_state(model, tx)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  graphdef, abstract = steps.abstract_train_state(
+      lambda: model_lib.RetinaNet(model_config, rngs=nnx.Rngs(0)), tx,
+      jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
   restored = ocp.StandardCheckpointer().restore(os.path.join(ckpt, "state"), abstract)
   return LoadedRun(workdir, int(os.path.basename(ckpt)), config, norm, graphdef,
                    restored.params, restored.batch_stats)

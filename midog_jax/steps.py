@@ -49,6 +49,18 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation
   return graphdef, TrainState(params, batch_stats, tx.init(params))
 
 
+def abstract_train_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation,
+                         sharding: jax.sharding.Sharding) -> tuple[nnx.GraphDef, TrainState]:
+  """The graph definition and the train state's shapes, for restoring a checkpoint.
+
+  No weight is computed: initialising what a checkpoint replaces costs
+  seconds at start-up.
+  """
+  graphdef, state = nnx.eval_shape(lambda: init_train_state(make_model(), tx))
+  return graphdef, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
 def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
   """A model object back from a train state, e.g. for checkpoints."""
   return nnx.merge(graphdef, state.params, state.batch_stats)

@@ -227,18 +227,24 @@ def _train(config, workdir: str, data: RunData, mesh, lead: bool) -> TrainResult
   total_steps = steps_per_epoch * config.num_epochs
   ckpt = checkpoints.RunCheckpoints(workdir)
   fresh = ckpt.latest_step() is None
-  try:
-    model = model_lib.build_model(model_config(config, pretrained=fresh), seed=config.seed)
-  except BaseException:
-    ckpt.close()
-    raise
   tx = optim.make_optimizer(
       total_steps, max_lr=config.optim.max_lr, weight_decay=config.optim.weight_decay,
       b2=config.optim.b2, pct_start=config.optim.pct_start,
       discriminative=config.optim.discriminative)
-  graphdef, state = steps.init_train_state(model, tx)
-  state = steps.replicate(state, mesh)
-  del model
+  try:
+    if fresh:
+      model = model_lib.build_model(model_config(config), seed=config.seed)
+      graphdef, state = steps.init_train_state(model, tx)
+      state = steps.replicate(state, mesh)
+      del model
+    else:  # Resuming: the checkpoint holds every weight; only shapes are needed.
+      graphdef, state = steps.abstract_train_state(
+          lambda: model_lib.RetinaNet(model_config(config, pretrained=False),
+                                      rngs=nnx.Rngs(config.seed)),
+          tx, NamedSharding(mesh, P()))
+  except BaseException:
+    ckpt.close()
+    raise
 
   try:
     restored = ckpt.restore(state)

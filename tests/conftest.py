@@ -1,11 +1,22 @@
-"""Test setup: eight fake CPU devices for data-parallel tests."""
+"""Test setup: eight fake CPU devices for data-parallel tests, one compilation cache."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must be set before JAX is first imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# One XLA compilation cache for the session and every process it starts: the
+# many tiny training runs compile the same programs, and compiling is most of
+# their time on CPU. Cached executables are the ones XLA would build again.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="midog-jax-tests-xla-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 import pytest  # noqa: E402
@@ -39,7 +50,7 @@ def plan_runs(tmp_path_factory, synthetic_data_dir):
   saved = os.environ.pop("XLA_FLAGS", None)
   try:
     code = experiments.main([
-        "run", "--plan", "all", "--workdir", str(workdir), "--folds", "0,1",
+        "run", "--plan", "all", "--workdir", str(workdir), "--folds", "0,1", "--parallel", "2",
         "--data-dir", synthetic_data_dir, "--set", "patch_size=64", "--set", "num_epochs=2",
         "--set", "batch_size=8", "--set", "train_patches_per_epoch=32",
         "--set", "valid_patches_per_epoch=8", "--set", "eval.batch_size=8",

@@ -31,19 +31,16 @@ TIMING = ("epoch_seconds", "train_seconds")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env():
   env = env_without_accelerators()
   env.pop("XLA_FLAGS", None)  # One CPU device: the same check, compiled faster.
-  # Every process of this module compiles the same programs: cache them.
-  env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  return env
+  return env  # With the session's compilation cache (conftest.py).
 
 
 def _args(data_dir, workdir):
   return ["--config", str(ROOT / "configs" / "demo.py"), "--workdir", str(workdir),
           f"--config.data_dir={data_dir}", "--config.patch_size=64",
-          "--config.batch_size=8", "--config.train_patches_per_epoch=32",
+          "--config.batch_size=4", "--config.train_patches_per_epoch=16",
           "--config.valid_patches_per_epoch=8", "--config.num_epochs=4",
           "--config.eval.every_epochs=1", "--config.eval.batch_size=8",
           "--config.log_every_steps=3", "--config.prefetch=0"]
@@ -113,7 +110,34 @@ def test_kills_at_any_moment_then_resume_equal_the_uninterrupted_run(
   seed = random.randrange(1 << 30)
   rng = random.Random(seed)
   full, cut = tmp_path / "full", tmp_path / "cut"
-  _run(_train(synthetic_data_dir, full), env)
+  # The uninterrupted run goes on beside the interrupted ones.
+  log = tmp_path / "uninterrupted.log"
+  with open(log, "w") as stderr:
+    uninterrupted = subprocess.Popen(_train(synthetic_data_dir, full), env=env, cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+      _interrupt_and_resume(synthetic_data_dir, cut, env, rng)
+      assert uninterrupted.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+      uninterrupted.kill()  # Only if the interrupted runs failed first.
+  expected, got = _outcome(full), _outcome(cut)
+  assert got[0] == expected[0], f"retained steps differ (seed {seed})"
+  assert got[1] == expected[1], f"best step differs (seed {seed})"
+  for s in expected[0]:
+    for a, b in zip(jax.tree.leaves(expected[2][s]), jax.tree.leaves(got[2][s])):
+      np.testing.assert_array_equal(a, b, err_msg=f"step {s} (seed {seed})")
+  assert got[3] == expected[3], f"metrics.jsonl differs (seed {seed})"
+  assert got[4] == expected[4], f"summary.json differs (seed {seed})"
+  assert [r["epoch"] for r in got[3]] == [1, 2, 3, 4]
+  assert not any("tmp" in p.name for p in (cut / "checkpoints").iterdir())
+  # A kill after the last commit but before the summary: the rerun writes it.
+  (cut / "summary.json").unlink()
+  _run(_train(synthetic_data_dir, cut), env)
+  assert _outcome(cut)[4] == expected[4]
+
+
+def _interrupt_and_resume(synthetic_data_dir, cut, env, rng):
+  """Kills the run in `cut` in five ways, then lets the same command finish it."""
   cmd = _train(synthetic_data_dir, cut)
   # 1. SIGKILL as soon as the first epoch's row is written, before (or while)
   #    its checkpoint is committed.
@@ -138,20 +162,6 @@ def test_kills_at_any_moment_then_resume_equal_the_uninterrupted_run(
   assert _committed(cut)[-1:] == before[-1:] or not before
   # Then the same command finishes the run.
   _run(cmd, env)
-  expected, got = _outcome(full), _outcome(cut)
-  assert got[0] == expected[0], f"retained steps differ (seed {seed})"
-  assert got[1] == expected[1], f"best step differs (seed {seed})"
-  for s in expected[0]:
-    for a, b in zip(jax.tree.leaves(expected[2][s]), jax.tree.leaves(got[2][s])):
-      np.testing.assert_array_equal(a, b, err_msg=f"step {s} (seed {seed})")
-  assert got[3] == expected[3], f"metrics.jsonl differs (seed {seed})"
-  assert got[4] == expected[4], f"summary.json differs (seed {seed})"
-  assert [r["epoch"] for r in got[3]] == [1, 2, 3, 4]
-  assert not any("tmp" in p.name for p in (cut / "checkpoints").iterdir())
-  # A kill after the last commit but before the summary: the rerun writes it.
-  (cut / "summary.json").unlink()
-  _run(cmd, env)
-  assert _outcome(cut)[4] == expected[4]
 
 
 def test_a_second_training_on_the_same_workdir_is_refused(synthetic_data_dir, tmp_path):

@@ -9,8 +9,9 @@ import pytest
 from tests.helpers import ROOT
 from tests.test_cli import NOISE, _env
 
-# The notebook's tiny path (colab/, MIDOG_NOTEBOOK_TINY), smaller still: seconds of training.
-# Detections down to 0.01 so that the AP compared below is not a trivial 0.
+# Seconds of training. The notebook's tiny path (colab/, MIDOG_NOTEBOOK_TINY) has the
+# same shapes, so its test reuses the programs compiled here. Detections down to
+# 0.01 so that the AP compared below is not a trivial 0.
 TINY = ["--config.synthetic.cases_per_domain=3", "--config.synthetic.width=192",
         "--config.synthetic.height=160", "--config.num_epochs=2",
         "--config.train_patches_per_epoch=16", "--config.valid_patches_per_epoch=16",

@@ -33,4 +33,4 @@ def test_two_processes_train_identically(tmp_path):
   assert a == b  # Same parameters, same cases, same share of patches.
   _, status, n_train, local_patches = a
   assert status == "finished" and int(n_train) == 16
-  assert int(local_patches) == 16  # Each host crops half of the 32 patches.
+  assert int(local_patches) == 8  # Each host crops half of the 16 patches.

@@ -1,10 +1,15 @@
-"""The jitted train step and forward pass, on one and on four devices."""
+"""The jitted train step and forward pass, on one and on several devices.
+
+Complements test_train.py (the trainer's augmented step, 1 against 8 devices,
+one update): here `steps.make_train_step` itself on 1, 2, 4 and 8 devices.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from midog_jax import model as M
 from midog_jax import steps as S
@@ -48,17 +53,44 @@ def one_device(model, batch):
   return _run(model, batch, 1, 4)
 
 
-def test_train_step_same_on_one_and_four_devices(model, batch, one_device):
-  _, state1, hist1 = one_device
-  _, state4, hist4 = _run(model, batch, 4, 2)
-  for key in ("loss", "focal", "box", "num_positives"):
-    np.testing.assert_allclose(hist4[0][key], hist1[0][key], rtol=1e-5)
-  # The second step sees parameters and BatchNorm stats after the first.
-  np.testing.assert_allclose(hist4[1]["loss"], hist1[1]["loss"], rtol=1e-4)
-  assert hist1[0]["num_positives"] > 0
-  # Replicated parameters come back on every device of the mesh.
-  leaf = jax.tree.leaves(state4.params)[0]
-  assert leaf.sharding.num_devices == 4 and leaf.sharding.is_fully_replicated
+def test_train_step_same_on_1_2_4_8_devices(model):
+  """Two updates each, so BatchNorm statistics and momentum carry over.
+
+  Plain SGD with momentum, not AdamW: Adam divides the gradient by its own
+  scale, so a gradient off by a constant factor (a sum over devices taken
+  for a mean) would pass unseen.
+  """
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(8, 64, 64, 3)).astype(np.float32)
+  centres = rng.uniform(25, 39, (8, 4, 2))
+  gt = np.concatenate([centres - 25, centres + 25], -1).astype(np.float32)
+  valid = rng.uniform(size=(8, 4)) < 0.7
+  tx = optax.sgd(1e-2, momentum=0.9)
+  graphdef, initial = S.init_train_state(model, tx)
+  out = {}
+  for n in (1, 2, 4, 8):
+    mesh = S.make_mesh(jax.devices()[:n])
+    step = S.make_train_step(graphdef, tx, mesh=mesh, donate=False)
+    state, history = S.replicate(initial, mesh), []
+    for _ in range(2):
+      state, metrics = step(state, *S.shard_batch((images, gt, valid), mesh))
+      history.append(jax.device_get(metrics))
+    leaf = jax.tree.leaves(state.params)[0]
+    # Replicated parameters come back on every device of the mesh.
+    assert leaf.sharding.num_devices == n and leaf.sharding.is_fully_replicated
+    out[n] = history, jax.device_get((state.params, state.batch_stats))
+  ref, ref_state = out[1]
+  assert ref[0]["num_positives"] > 0 and ref[1]["loss"] != ref[0]["loss"]
+  for n in (2, 4, 8):
+    history, state = out[n]
+    # Same math; only the order of float32 reductions differs across devices.
+    for key in ("loss", "focal", "box", "num_positives"):
+      np.testing.assert_allclose(history[0][key], ref[0][key], rtol=1e-5, err_msg=f"{n} {key}")
+    np.testing.assert_allclose(history[1]["loss"], ref[1]["loss"], rtol=1e-5)
+    leaves, expected = jax.tree.leaves(state), jax.tree.leaves(ref_state)
+    assert len(leaves) == len(expected) > 0
+    for a, b in zip(leaves, expected):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_train_step_learns_and_updates_batch_stats(model, one_device):
@@ -87,3 +119,17 @@ def test_forward_matches_eager_model_and_shards(model, batch):
   scores = S.scores(expected[0])
   assert scores.shape == expected[0].shape[:2]
   np.testing.assert_allclose(scores, jax.nn.sigmoid(-4.0), rtol=1e-6)
+
+
+def test_abstract_train_state_has_the_shapes_of_the_real_one(model):
+  tx = optax.adamw(1e-3)
+  graphdef, state = S.init_train_state(model, tx)
+  mesh = S.make_mesh(jax.devices()[:2])
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract_graphdef, abstract = S.abstract_train_state(
+      lambda: M.RetinaNet(M.RetinaNetConfig(), rngs=nnx.Rngs(0)), tx, replicated)
+  assert abstract_graphdef == graphdef
+  assert jax.tree.structure(abstract) == jax.tree.structure(state)
+  for a, x in zip(jax.tree.leaves(abstract), jax.tree.leaves(state)):
+    assert isinstance(a, jax.ShapeDtypeStruct) and a.sharding == replicated
+    assert (a.shape, a.dtype) == (x.shape, x.dtype)

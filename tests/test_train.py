@@ -55,12 +55,14 @@ def _one_device():
   return steps.make_mesh(jax.devices()[:1])
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
   config = tiny_config(data_dir, num_epochs=2)
   mesh = _one_device()
   data = run_data.build(config, mesh)
   trainer.train(config, str(tmp_path), data, mesh)  # A good run to the end.
   good_step, good = _params(tmp_path)
+  # The next start resumes: weights come from the checkpoint, none are initialised.
+  monkeypatch.setattr(model_lib, "build_model", lambda *a, **k: pytest.fail("initialised"))
   config.num_epochs = 4
   config.resume_anyway = True  # Another schedule and normalisation on purpose.
   # Zero std makes the inputs infinite: the loss cannot stay finite.

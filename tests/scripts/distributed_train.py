@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 from midog_jax import run_data, trainer  # noqa: E402
 from tests.train_fixtures import tiny_config  # noqa: E402
 
-config = tiny_config(data_dir, batch_size=4, num_epochs=1)
+config = tiny_config(data_dir, batch_size=4, num_epochs=1, train_patches_per_epoch=16)
 assert jax.process_count() == 2 and len(jax.devices()) == 2
 data = run_data.build(config)
 result = trainer.train(config, workdir, data)
