@@ -10,9 +10,9 @@
 #       run there with EXTRA_PYTHONPATH=DIR.
 #
 # Runs from the repository root without installing it (PYTHONPATH=.). Needs
-# JAX, Flax, Optax, NumPy, SciPy and tqdm; compare.py also PyTorch (with
-# torchvision if present); trainer_overhead.py also ml_collections, Orbax and
-# etils. Imports no TensorFlow. A step whose packages are missing is skipped
+# JAX, Flax, Optax, NumPy, SciPy, tqdm and etils (Flax's own dependency);
+# compare.py also PyTorch (with torchvision if present); trainer_overhead.py
+# also ml_collections and Orbax. Imports no TensorFlow. A step whose packages are missing is skipped
 # and named; a step that fails does not stop the others. Each step writes
 # NAME.txt (its output) and NAME.json (its figures) under $OUT, and
 # summary.json lists them all.
@@ -51,10 +51,10 @@ def absent(name):
 print(" ".join(m for m in sys.argv[1:] if absent(m)))
 EOF
 }
-CORE="numpy jax flax optax scipy tqdm"
+CORE="numpy jax flax optax scipy tqdm etils"
 core_missing=$(missing $CORE)
 torch_missing=$(missing torch)
-trainer_missing=$(missing ml_collections orbax.checkpoint etils)
+trainer_missing=$(missing ml_collections orbax.checkpoint)
 echo "missing for every step: ${core_missing:-none}"
 tv=$([ -z "$(missing torchvision)" ] && echo present || echo "absent: ResNet18 built by hand")
 echo "missing for compare.py: ${torch_missing:-none} (torchvision: $tv)"

@@ -14,7 +14,6 @@ midog-jax / PyTorch. Imports no TensorFlow.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -28,6 +27,7 @@ import torch  # noqa: E402
 
 import model_step  # noqa: E402  benchmarks/model_step.py, next to this file.
 import torch_peer  # noqa: E402
+from midog_jax import files  # noqa: E402
 from midog_jax import model as model_lib  # noqa: E402
 from midog_jax import steps  # noqa: E402
 
@@ -117,8 +117,7 @@ def main(argv=None) -> dict:
     results["ratio"][what] = j / t
     print(f"{what:8s} torch {t:10.1f} img/s   jax {j:10.1f} img/s   ratio jax/torch {j / t:.2f}")
   if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=1)
+    files.write_json(args.json, results)
   return results
 
 

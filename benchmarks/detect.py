@@ -16,14 +16,13 @@ not depend on the content.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
 import numpy as np
 
 import flops as flops_lib  # benchmarks/flops.py, next to this file.
-from midog_jax import domains, inference, normalization, steps
+from midog_jax import domains, files, inference, normalization, steps
 from midog_jax import model as model_lib
 
 
@@ -91,8 +90,7 @@ def main(argv=None) -> dict[str, float]:
   results["cost"] = flops_lib.report("detect", total and total / args.batch, device_rate,
                                      devices, args.dtype, args.peak_tflops, unit="window")
   if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=1)
+    files.write_json(args.json, results)
   return results
 
 

@@ -11,7 +11,6 @@ model FLOP utilisation (see `flops.py`) and the rate per device.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
@@ -19,6 +18,7 @@ import numpy as np
 import optax
 
 import flops as flops_lib  # benchmarks/flops.py, next to this file.
+from midog_jax import files
 from midog_jax import model as model_lib
 from midog_jax import steps
 
@@ -119,8 +119,7 @@ def main(argv=None) -> dict[str, float]:
         "forward", total and total / args.batch, results["forward"], devices, args.dtype,
         args.peak_tflops)
   if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=1)
+    files.write_json(args.json, results)
   return results
 
 

@@ -33,7 +33,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from midog_jax import annotations, input_pipeline, model as model_lib  # noqa: E402
+from midog_jax import annotations, files, input_pipeline, model as model_lib  # noqa: E402
 from midog_jax import normalization, optim, sampling, steps, trainer  # noqa: E402
 
 
@@ -134,8 +134,7 @@ def main(argv=None) -> dict:
   print(f"bare:  {bare:,.1f} img/s ({bare / len(devices):,.1f} per device)")
   print(f"ratio loop/bare: {loop / bare:.2f}")
   if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=1)
+    files.write_json(args.json, results)
   return results
 
 
