@@ -19,10 +19,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import uuid
 from typing import Callable, Sequence
 
 import numpy as np
+
+from midog_jax import files
 
 FOLDER = "midog_jax-decoded"
 MODES = ("auto", "ram", "disk")
@@ -62,16 +63,7 @@ class DecodedStore:
     if image.shape != shape or image.dtype != np.uint8:
       raise ValueError(f"{case.file_name}: decoded {image.dtype} {image.shape}, the index "
                        f"says {shape}")
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    try:
-      with open(tmp, "wb") as f:
-        image.tofile(f)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
+    files.write_bytes(path, memoryview(image).cast("B"))
     self.decodes += 1
 
 

@@ -16,16 +16,24 @@ from etils import epath
 
 def write_text(path: epath.PathLike, text: str) -> None:
   """Replaces `path` with `text` atomically (local paths and gs:// alike)."""
+  write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: epath.PathLike, data: bytes | memoryview) -> None:
+  """Replaces `path` with `data` atomically (local paths and gs:// alike).
+
+  A memoryview (e.g. of a NumPy array) is written without a copy.
+  """
   path = epath.Path(path)
   tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
   try:
     if "://" not in str(path):
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+      with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())  # The data is on disk before the name points at it.
     else:
-      tmp.write_text(text)
+      tmp.write_bytes(bytes(data))
     tmp.replace(path)
   finally:
     if tmp.exists():

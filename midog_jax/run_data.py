@@ -140,7 +140,6 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> traine
   check_patch_size(config.patch_size, selected)
   norm = dataset.normalization_of(train_cases)
   reader = dataset.RoiReader(config.data_dir)
-  by_id = {c.case_id: c for c in selected}
   cache = roi_cache(config, reader, selected)
   common = dict(patch_size=config.patch_size, global_batch_size=config.batch_size,
                 seed=config.seed, guided_fraction=config.guided_fraction, mesh=mesh,
