@@ -31,7 +31,7 @@ def _canonical(folder: pathlib.Path) -> dict:
   another process. TFDS's own writer and its Beam writer cut shards at
   other places, so shard boundaries are not compared."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from midog_jax import records  # pylint: disable=g-import-not-at-top
+  from midog_jax.data import records  # pylint: disable=g-import-not-at-top
   out = {}
   for shard in sorted(folder.glob("*.tfrecord-*")):
     split = shard.name.split(".tfrecord")[0]
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
   parser.add_argument("--width", type=int, default=7215)
   parser.add_argument("--height", type=int, default=5412)
   args = parser.parse_args(argv)
-  from midog_jax import synthetic  # pylint: disable=g-import-not-at-top
+  from midog_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   work = pathlib.Path(args.workdir).resolve()
   manual = work / "manual"
   if not (manual / "MIDOG++.json").exists():

@@ -5,7 +5,7 @@
 Both run on the same card, with the same batch of random images and 50 x 50
 px boxes (`model_step.fake_batch`) already on the device: the PyTorch peer
 eagerly (`torch_peer.py`: bf16 autocast, channels-last), midog-jax as its
-jitted `steps.make_train_step` / `steps.make_forward`. Each is warmed up
+jitted `steps.make_train_step` / `retinanet.make_forward`. Each is warmed up
 (compilation, cuDNN autotuning with `cudnn.benchmark`) before `--steps` timed calls that end with a
 device synchronisation. Prints images per second for both and the ratio
 midog-jax / PyTorch. Imports no TensorFlow.
@@ -27,9 +27,10 @@ import torch  # noqa: E402
 
 import model_step  # noqa: E402  benchmarks/model_step.py, next to this file.
 import torch_peer  # noqa: E402
-from midog_jax import files  # noqa: E402
-from midog_jax import model as model_lib  # noqa: E402
-from midog_jax import steps  # noqa: E402
+from midog_jax import atomic  # noqa: E402
+from midog_jax import sharding  # noqa: E402
+from midog_jax.model import retinanet  # noqa: E402
+from midog_jax.training import steps  # noqa: E402
 
 
 def _time_torch(fn, sync, warmup: int, iters: int) -> float:
@@ -64,14 +65,14 @@ def time_torch(args, batch) -> dict[str, float]:
 
 def time_jax(args, batch) -> dict[str, float]:
   platform = "gpu" if args.device == "cuda" else "cpu"
-  mesh = steps.make_mesh(jax.devices(platform)[:1])
-  model = model_lib.build_model(model_lib.RetinaNetConfig(dtype=args.dtype))
-  images, gt, valid = steps.shard_batch(batch, mesh)
+  mesh = sharding.make_mesh(jax.devices(platform)[:1])
+  model = retinanet.build_model(retinanet.RetinaNetConfig(dtype=args.dtype))
+  images, gt, valid = sharding.shard_batch(batch, mesh)
   out = {}
   if args.mode in ("both", "train"):
     tx = optax.adamw(1e-4, b1=0.9, b2=0.99, weight_decay=0.01)  # As the peer's AdamW.
     graphdef, state = steps.init_train_state(model, tx)
-    holder = [steps.replicate(state, mesh)]
+    holder = [sharding.replicate(state, mesh)]
     train_step = steps.make_train_step(graphdef, tx, mesh=mesh)
 
     def train():
@@ -81,8 +82,8 @@ def time_jax(args, batch) -> dict[str, float]:
     out["train"] = args.batch / model_step.time_calls(train, args.warmup, args.steps)
   if args.mode in ("both", "forward"):
     graphdef, params, stats = steps.split_model(model)
-    params, stats = steps.replicate((params, stats), mesh)
-    forward = steps.make_forward(graphdef, mesh=mesh)
+    params, stats = sharding.replicate((params, stats), mesh)
+    forward = retinanet.make_forward(graphdef, mesh=mesh)
     out["forward"] = args.batch / model_step.time_calls(
         lambda: forward(params, stats, images), args.warmup, args.steps)
   return out
@@ -117,7 +118,7 @@ def main(argv=None) -> dict:
     results["ratio"][what] = j / t
     print(f"{what:8s} torch {t:10.1f} img/s   jax {j:10.1f} img/s   ratio jax/torch {j / t:.2f}")
   if args.json:
-    files.write_json(args.json, results)
+    atomic.write_json(args.json, results)
   return results
 
 

@@ -4,7 +4,7 @@
 
 Device: the jitted per-window function (normalise, network, decode, score
 threshold, NMS) on random uint8 windows, after warm-up. Whole ROI: one
-synthetic H&E image of --width x --height through `inference.detect_image`,
+synthetic H&E image of --width x --height through `sliding_window.detect_image`,
 with the host part (window cropping, mapping to image coordinates, distance
 suppression) timed apart from the device calls. Also prints FLOPs per window
 from XLA's cost analysis, model FLOP utilisation (see `flops.py`) and the
@@ -22,13 +22,18 @@ import jax
 import numpy as np
 
 import flops as flops_lib  # benchmarks/flops.py, next to this file.
-from midog_jax import domains, files, inference, normalization, steps
-from midog_jax import model as model_lib
+from midog_jax import atomic
+from midog_jax import domains
+from midog_jax import sharding
+from midog_jax.data import normalization
+from midog_jax.detection import sliding_window
+from midog_jax.model import retinanet as model_lib
+from midog_jax.training import steps
 
 
 def _roi(width: int, height: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
   try:
-    from midog_jax import synthetic  # Needs tifffile.
+    from midog_jax.data import synthetic  # Needs tifffile.
   except ImportError:
     return rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "random noise"
   d = domains.DOMAINS[0]
@@ -52,11 +57,11 @@ def main(argv=None) -> dict[str, float]:
   model = model_lib.build_model(model_lib.RetinaNetConfig(dtype=args.dtype))
   graphdef, params, batch_stats = steps.split_model(model)
   norm = normalization.Normalization((200.0, 150.0, 200.0), (40.0, 40.0, 30.0))
-  mesh = steps.make_mesh(jax.local_devices())
-  detector = inference.make_detector(graphdef, norm, args.patch, 100, 0.05, mesh=mesh)
-  params, batch_stats = steps.replicate((params, batch_stats), mesh)
+  mesh = sharding.make_mesh(jax.local_devices())
+  detector = sliding_window.make_detector(graphdef, norm, args.patch, 100, 0.05, mesh=mesh)
+  params, batch_stats = sharding.replicate((params, batch_stats), mesh)
   rng = np.random.default_rng(0)
-  windows = steps.shard_batch(
+  windows = sharding.shard_batch(
       rng.integers(0, 256, (args.batch, args.patch, args.patch, 3), dtype=np.uint8), mesh)
   threshold = jax.numpy.float32(0.05)
   jax.block_until_ready(detector.jitted(params, batch_stats, threshold, windows))
@@ -67,11 +72,11 @@ def main(argv=None) -> dict[str, float]:
   device_rate = args.steps * args.batch / (time.perf_counter() - start)
 
   image, kind = _roi(args.width, args.height, rng)
-  n_windows = len(inference.window_origins(args.width, args.height, args.patch))
-  inference.detect_image(image[:args.patch, :args.patch], detector, params, batch_stats,
+  n_windows = len(sliding_window.window_origins(args.width, args.height, args.patch))
+  sliding_window.detect_image(image[:args.patch, :args.patch], detector, params, batch_stats,
                          args.patch, args.batch, progress=False)  # Warm-up at this batch.
   start = time.perf_counter()
-  inference.detect_image(image, detector, params, batch_stats, args.patch, args.batch,
+  sliding_window.detect_image(image, detector, params, batch_stats, args.patch, args.batch,
                          progress=False)
   roi_seconds = time.perf_counter() - start
   device_seconds = n_windows / device_rate
@@ -90,7 +95,7 @@ def main(argv=None) -> dict[str, float]:
   results["cost"] = flops_lib.report("detect", total and total / args.batch, device_rate,
                                      devices, args.dtype, args.peak_tflops, unit="window")
   if args.json:
-    files.write_json(args.json, results)
+    atomic.write_json(args.json, results)
   return results
 
 

@@ -34,7 +34,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-from midog_jax import input_pipeline, patches, sampling  # noqa: E402
+from midog_jax.data import crops
+from midog_jax.data import input_pipeline  # noqa: E402
+from midog_jax.data import sampling
 
 _FORKED = {}  # What the forked workers inherit: the pipeline, plan and shared crops.
 
@@ -45,7 +47,7 @@ def _cpu() -> str:
       name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
   except (OSError, StopIteration):
     name = platform.processor() or "unknown CPU"
-  return f"{name}, {patches.default_workers()} cores usable"
+  return f"{name}, {crops.default_workers()} cores usable"
 
 
 def _thread_rate(pipe) -> tuple[int, float, float]:
@@ -57,11 +59,11 @@ def _thread_rate(pipe) -> tuple[int, float, float]:
 
 
 def _fill_in_child(lo: int, hi: int, slot: int) -> dict[str, np.ndarray]:
-  pipe, plan, crops = _FORKED["pipe"], _FORKED["plan"], _FORKED["crops"]
+  pipe, plan, shared = _FORKED["pipe"], _FORKED["plan"], _FORKED["crops"]
   k, n = hi - lo, pipe.max_objects
-  out = {"crops": crops[slot], "centers": np.empty((k, n, 2), np.float32),
+  out = {"crops": shared[slot], "centers": np.empty((k, n, 2), np.float32),
          "labels": np.empty((k, n), np.int32), "valid": np.empty((k, n), bool)}
-  filled = patches.fill(plan.take(np.arange(lo, hi)), pipe.cache, pipe.crop_size, n, out=out)
+  filled = crops.fill(plan.take(np.arange(lo, hi)), pipe.cache, pipe.crop_size, n, out=out)
   return {key: v for key, v in filled.items() if key != "crops"}  # Crops stay shared.
 
 
@@ -104,7 +106,8 @@ def _process_rate(pipe, workers: int) -> tuple[int, float]:
 def _tfds_cases(args, work: str):
   """Synthetic ROIs built into `midogpp`: (cases, load_roi)."""
   import tensorflow_datasets as tfds
-  from midog_jax import dataset, synthetic
+  from midog_jax.data import dataset
+  from midog_jax.data import synthetic
   from tfds_midogpp.midogpp import midogpp_dataset_builder as builder_lib
   manual, data = os.path.join(work, "manual"), os.path.join(work, "tfds")
   if not os.path.exists(os.path.join(manual, "MIDOG++.json")):
@@ -148,7 +151,7 @@ def main(argv=None):
   parser.add_argument("--workdir", default=None, help="reuse a folder (keeps the built data)")
   args = parser.parse_args(argv)
   counts = ([int(w) for w in args.workers.split(",")] if args.workers
-            else list(range(1, patches.default_workers() + 1)))
+            else list(range(1, crops.default_workers() + 1)))
   if args.source == "tfds":
     cases, load = _tfds_cases(args, args.workdir or tempfile.mkdtemp(prefix="midog_input_bench_"))
   else:

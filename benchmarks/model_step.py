@@ -18,9 +18,10 @@ import numpy as np
 import optax
 
 import flops as flops_lib  # benchmarks/flops.py, next to this file.
-from midog_jax import files
-from midog_jax import model as model_lib
-from midog_jax import steps
+from midog_jax import atomic
+from midog_jax import sharding
+from midog_jax.model import retinanet
+from midog_jax.training import steps
 
 
 def fake_batch(batch: int, patch: int, boxes: int, seed: int = 0):
@@ -70,11 +71,11 @@ def main(argv=None) -> dict[str, float]:
   if len(devices) < args.devices or args.batch % args.devices:
     parser.error(f"need {args.devices} devices dividing the batch; have "
                  f"{len(jax.devices())}")
-  mesh = steps.make_mesh(devices)
-  config = model_lib.RetinaNetConfig(levels=tuple(args.levels),
+  mesh = sharding.make_mesh(devices)
+  config = retinanet.RetinaNetConfig(levels=tuple(args.levels),
                                      dtype=args.dtype)
-  model = model_lib.build_model(config)
-  images, gt, valid = steps.shard_batch(
+  model = retinanet.build_model(config)
+  images, gt, valid = sharding.shard_batch(
       fake_batch(args.batch, args.patch, args.boxes), mesh)
   print(f"device: {devices[0].device_kind} x {len(devices)}, patch "
         f"{args.patch}, batch {args.batch}, {args.dtype}, levels "
@@ -85,7 +86,7 @@ def main(argv=None) -> dict[str, float]:
   if args.mode in ("both", "train"):
     tx = optax.adamw(1e-4, b1=0.9, b2=0.99, weight_decay=0.01)
     graphdef, state = steps.init_train_state(model, tx)
-    holder = [steps.replicate(state, mesh)]
+    holder = [sharding.replicate(state, mesh)]
     train_step = steps.make_train_step(graphdef, tx, mesh=mesh)
 
     def train():
@@ -107,8 +108,8 @@ def main(argv=None) -> dict[str, float]:
 
   if args.mode in ("both", "forward"):
     graphdef, params, stats = steps.split_model(model)
-    params, stats = steps.replicate((params, stats), mesh)
-    forward = steps.make_forward(graphdef, mesh=mesh)
+    params, stats = sharding.replicate((params, stats), mesh)
+    forward = retinanet.make_forward(graphdef, mesh=mesh)
     seconds = time_calls(lambda: forward(params, stats, images), args.warmup,
                     args.steps)
     results["forward"] = args.batch / seconds
@@ -119,7 +120,7 @@ def main(argv=None) -> dict[str, float]:
         "forward", total and total / args.batch, results["forward"], devices, args.dtype,
         args.peak_tflops)
   if args.json:
-    files.write_json(args.json, results)
+    atomic.write_json(args.json, results)
   return results
 
 

@@ -14,7 +14,7 @@ a thread beside the device, so a phase takes the longer of the two; one
 compilation per run; after training, every run detects its validation fold's
 ROIs (threshold choice) and the 111 test ROIs. ROI decoding (PNG, ~1.1 s per
 full-size ROI) is counted two ways: once per ROI (`roi_store` "disk", the
-decoded copy shared by all runs, `midog_jax/decoded_store.py`), and per run
+decoded copy shared by all runs, `midog_jax/data/roi_store.py`), and per run
 (`roi_store` "ram": each training process decodes its own cases; evaluation,
 one process with one ROI cache for all runs, decodes every ROI once).
 """

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from midog_jax import metrics
+from midog_jax.evaluation import metrics
 
 WIDTH, HEIGHT, UM_PER_PX = 7215, 5412, 0.25
 

@@ -31,7 +31,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-from midog_jax import dataset, decoded_store, input_pipeline, patches  # noqa: E402
+from midog_jax.data import dataset  # noqa: E402
+from midog_jax.data import input_pipeline
+from midog_jax.data import roi_store
 
 
 def _evict(folder: str) -> None:
@@ -71,24 +73,24 @@ def main(argv=None) -> dict:
   by_id = {c.case_id: c for c in cases}
   out = {}
 
-  ram = patches.RoiCache(lambda i: reader(by_id[i]), 1 << 40)
+  ram = roi_store.RoiCache(lambda i: reader(by_id[i]), 1 << 40)
   t = time.perf_counter()
   for c in cases:
     ram.get(c.case_id)
   out["decode_s_per_roi"] = (time.perf_counter() - t) / len(cases)
   out["ram"] = _epoch(cases, ram, args)
   del ram
-  out["streaming"] = _epoch(cases, patches.RoiCache(lambda i: reader(by_id[i]), 0), args)
+  out["streaming"] = _epoch(cases, roi_store.RoiCache(lambda i: reader(by_id[i]), 0), args)
 
   folder = args.decoded_dir or tempfile.mkdtemp(prefix="midog_decoded_")
-  store = decoded_store.DecodedStore(reader, folder)
+  store = roi_store.DecodedStore(reader, folder)
   t = time.perf_counter()
   for c in cases:
     store(c)
   out["decode_to_disk_s_per_roi"] = (time.perf_counter() - t) / len(cases)
 
   def mapped():
-    return patches.RoiCache(lambda i: store(by_id[i]), decoded_store.decoded_bytes(cases))
+    return roi_store.RoiCache(lambda i: store(by_id[i]), roi_store.decoded_bytes(cases))
   out["disk_warm"] = _epoch(cases, mapped(), args)
   _evict(folder)
   out["disk_cold"] = _epoch(cases, mapped(), args)

@@ -1,6 +1,6 @@
 """A PyTorch peer of midog-jax's RetinaNet, for speed comparisons only.
 
-The same network and loss as `midog_jax.model` and `midog_jax.losses` (see
+The same network and loss as `midog_jax.model.retinanet` and `midog_jax.model.losses` (see
 the project's reference notes): torchvision's ResNet18 up to layer4 (built
 by hand in the same layout where torchvision is absent), the FPN for the
 configured pyramid level, the shared 3-conv subnets, anchors matched at IoU
@@ -134,7 +134,7 @@ def _tlbr(b):
 
 def retinanet_loss(cls, box, anchor, gt_xyxy, valid, patch: int, gamma: float = 2.0,
                    positive_weight: float = 0.75) -> torch.Tensor:
-  """Mean over images of (focal + box loss), as `midog_jax.losses`.
+  """Mean over images of (focal + box loss), as `midog_jax.model.losses`.
 
   cls [B, A, C], box [B, A, 4] float32; anchor [A, 4]; gt_xyxy [B, N, 4]
   pixels; valid [B, N] bool. Column 0 is the mitotic figure.

@@ -33,8 +33,17 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from midog_jax import annotations, files, input_pipeline, model as model_lib  # noqa: E402
-from midog_jax import normalization, optim, sampling, steps, trainer  # noqa: E402
+from midog_jax import atomic
+from midog_jax import sharding
+from midog_jax.data import annotations  # noqa: E402
+from midog_jax.data import input_pipeline
+from midog_jax.data import normalization  # noqa: E402
+from midog_jax.data import sampling
+from midog_jax.model import retinanet as model_lib
+from midog_jax.training import inputs
+from midog_jax.training import optim
+from midog_jax.training import steps
+from midog_jax.training import trainer
 
 
 def synthetic_cases(n: int, side: int, objects: int, seed: int = 0):
@@ -78,7 +87,7 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
 
   devices = jax.devices()
-  mesh = steps.make_mesh(devices)
+  mesh = sharding.make_mesh(devices)
   config = make_config(args)
   cases, rois = synthetic_cases(args.cases, args.roi, 40)
   norm = normalization.Normalization((200.0, 150.0, 200.0), (40.0, 40.0, 30.0))
@@ -89,8 +98,8 @@ def main(argv=None) -> dict:
   valid_input = input_pipeline.PatchInput(
       cases, None, patches_per_epoch=config.valid_patches_per_epoch, validation=True,
       cache=train_input.cache, max_objects=train_input.max_objects, **common)
-  data = trainer.RunData(train=train_input, valid=valid_input, normalization=norm,
-                         validation_ap=None, meta={"benchmark": "trainer_overhead"})
+  data = inputs.RunData(train=train_input, valid=valid_input, normalization=norm,
+                        validation_ap=None, meta={"benchmark": "trainer_overhead"})
   for c in cases:  # Fill the cache first: the loop should not pay for it.
     train_input.cache.get(c.case_id)
   per_epoch = train_input.steps_per_epoch
@@ -106,11 +115,11 @@ def main(argv=None) -> dict:
   loop = per_epoch * args.batch / float(np.median(epoch_seconds[1:] or epoch_seconds))
 
   # The bare step: same model, optimiser and jitted function, one batch on the devices.
-  model = model_lib.build_model(trainer.model_config(config))
+  model = model_lib.build_model(model_lib.RetinaNetConfig.from_config(config))
   tx = optim.make_optimizer(per_epoch * args.epochs, max_lr=config.optim.max_lr)
   graphdef, state = steps.init_train_state(model, tx)
-  holder = [steps.replicate(state, mesh)]
-  step = trainer.make_train_step(graphdef, tx, config, norm, mesh)
+  holder = [sharding.replicate(state, mesh)]
+  step = steps.make_batch_train_step(graphdef, tx, config, norm, mesh)
   batch = next(iter(train_input.batches(0, epochs=1)))
   key = jax.random.key(0)
 
@@ -134,7 +143,7 @@ def main(argv=None) -> dict:
   print(f"bare:  {bare:,.1f} img/s ({bare / len(devices):,.1f} per device)")
   print(f"ratio loop/bare: {loop / bare:.2f}")
   if args.json:
-    files.write_json(args.json, results)
+    atomic.write_json(args.json, results)
   return results
 
 

@@ -45,8 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_classes = 2  # Column 1 is never positive, as the reference.
   config.model.dtype = "float32"  # "bfloat16" on accelerators.
   # torchvision's ImageNet weights, as the reference (fetched once, see
-  # midog_jax/weights.py); a .safetensors/.npz path; or "none" (from scratch).
+  # midog_jax/model/weights.py); a .safetensors/.npz path; or "none" (from scratch).
   config.model.body_weights = "imagenet"
+  config.model.backbone = "resnet18"  # A key of midog_jax/model/backbones.py's BACKBONES.
 
   config.loss = ml_collections.ConfigDict()
   config.loss.focal = "reference"  # 0.75 positives / 0.25 negatives; or "standard".
@@ -70,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment.brightness = (0.25, 0.75)
   config.augment.contrast = (0.5, 2.0)
   config.augment.p_lighting = 0.5
+  # Colour augmentations by name (midog_jax/data/augment.py's COLOUR_AUGMENTATIONS),
+  # after lighting; the reference has none.
+  config.augment.colour = ()
   # Targets: figures whose centre is in the patch, as the reference. True also
   # labels those of the crop's margin that rotation and warping bring into view.
   config.augment.margin_targets = False
@@ -78,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.every_epochs = 1  # 0: no AP (and no best checkpoint).
   # "reference": the reference's Pascal VOC AP (IoU 0.3) on each epoch's freshly
-  # drawn validation patches (midog_jax/selection.py); "roi_ap": this project's
+  # drawn validation patches (midog_jax/training/selection.py); "roi_ap": this project's
   # alternative, the scorer's AP on the full validation ROIs.
   config.eval.selection = "reference"
   # Detections kept per window for prediction files and "roi_ap": the
@@ -92,39 +96,3 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.log_every_steps = 10
   return config
-
-
-def for_accelerator(config: ml_collections.ConfigDict, batch_size: int | None = None,
-                    dtype: str = "bfloat16") -> ml_collections.ConfigDict:
-  """bf16 compute (float32 parameters); optionally a larger batch.
-
-  Without `batch_size` the reference's batch and learning rate are kept: the
-  paper's protocol. With it, the learning rate grows by the square-root rule:
-  Adam-family optimisers keep their training dynamics when the learning rate
-  grows with the square root of the batch (Malladi et al., NeurIPS 2022,
-  "On the SDEs and scaling rules for adaptive gradient algorithms"); epochs
-  keep the reference's patch counts, so they take fewer, larger steps. That
-  changes BatchNorm statistics and the optimisation: not the paper's protocol.
-  """
-  batch_size = batch_size or config.batch_size
-  scale = (batch_size / config.batch_size) ** 0.5
-  config.optim.max_lr *= scale
-  if config.optim.discriminative is not None:
-    config.optim.discriminative = tuple(lr * scale for lr in config.optim.discriminative)
-  config.batch_size = batch_size
-  config.model.dtype = dtype
-  config.eval.batch_size = max(config.eval.batch_size, batch_size)
-  return config
-
-
-def experiment_config(spec: str | None) -> ml_collections.ConfigDict:
-  """`None`/"all_domains", "single_domain=<type>" or "leave_one_out=<type>"."""
-  from configs import all_domains, leave_one_out, single_domain  # Cyclic otherwise.
-  kind, _, arg = (spec or "all_domains").partition("=")
-  makers = {"all_domains": lambda a: all_domains.get_config(),
-            "single_domain": single_domain.get_config,
-            "leave_one_out": leave_one_out.get_config}
-  if kind not in makers or (kind != "all_domains") != bool(arg):
-    raise ValueError(f"experiment {spec!r}: expected all_domains, single_domain=<tumour "
-                     "type> or leave_one_out=<tumour type>")
-  return makers[kind](arg) if arg else makers[kind](None)

@@ -7,8 +7,8 @@ A larger batch that fills a big GPU better, but is not the paper's
 protocol: configs/gpu_large_batch.py.
 """
 
-from configs import default
+from configs import common
 
 
 def get_config(experiment: str | None = None):
-  return default.for_accelerator(default.experiment_config(experiment))
+  return common.for_accelerator(common.experiment_config(experiment))

@@ -5,8 +5,8 @@ The larger batch changes BatchNorm statistics and the optimisation; results
 are not directly comparable with the paper's tables (configs/gpu.py is).
 """
 
-from configs import default
+from configs import common
 
 
 def get_config(experiment: str | None = None):
-  return default.for_accelerator(default.experiment_config(experiment), batch_size=64)
+  return common.for_accelerator(common.experiment_config(experiment), batch_size=64)

@@ -6,8 +6,8 @@ count must divide 12 (1, 2, 3, 4, 6 or 12 chips, e.g. a v4-8 or v5e-4). On
 8 chips use configs/tpu_large_batch.py (not the paper's protocol).
 """
 
-from configs import default
+from configs import common
 
 
 def get_config(experiment: str | None = None):
-  return default.for_accelerator(default.experiment_config(experiment))
+  return common.for_accelerator(common.experiment_config(experiment))

@@ -5,8 +5,8 @@ The batch is split over every chip of every host (`jax.distributed`). The
 larger batch changes BatchNorm statistics and the optimisation.
 """
 
-from configs import default
+from configs import common
 
 
 def get_config(experiment: str | None = None):
-  return default.for_accelerator(default.experiment_config(experiment), batch_size=128)
+  return common.for_accelerator(common.experiment_config(experiment), batch_size=128)

@@ -17,7 +17,6 @@ numbers; another one gives somewhat different ones (see README.md).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -26,8 +25,8 @@ from absl import flags
 from absl import logging as absl_logging  # noqa: F401  Defines --verbosity (-v).
 from ml_collections import config_flags
 
-from midog_jax import cli
-from midog_jax import files
+from midog_jax import atomic
+from midog_jax import console
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "demo.py")
@@ -45,12 +44,19 @@ def _stage(name: str) -> None:
 
 def run(config, workdir: str, n_overlays: int = 4) -> dict:
   """Runs (or resumes) every stage; returns the summary."""
+  # Every stage's library only now: --help answers at once.
   import tensorflow_datasets as tfds
-  from midog_jax import dataset, eval as eval_lib, overlay, predictions, run_data, run_eval
-  from midog_jax import synthetic, trainer
+
+  from midog_jax.data import dataset
+  from midog_jax.data import synthetic
+  from midog_jax.evaluation import overlay
+  from midog_jax.evaluation import runs
+  from midog_jax.evaluation import score
+  from midog_jax.training import inputs
+  from midog_jax.training import trainer
   from tfds_midogpp.midogpp import midogpp_dataset_builder as builder_lib
 
-  tty = cli.stderr_is_tty()
+  tty = console.stderr_is_tty()
   if not tty:  # Bars are for terminals; a log file gets the trainer's lines.
     tfds.disable_progress_bar()
   start = time.time()
@@ -75,41 +81,28 @@ def run(config, workdir: str, n_overlays: int = 4) -> dict:
   config.data_dir = data_dir
 
   _stage(f"3/5 training {config.experiment}, fold {config.fold}")
-  result = trainer.train(config, run_dir, run_data.build(config))
+  result = trainer.train(config, run_dir, inputs.build(config))
   if result.summary.get("status") != "finished":
     raise SystemExit("training was interrupted; run the same command again to resume")
 
   _stage("4/5 detection and scoring (threshold chosen on the validation fold)")
-  paths = run_eval.evaluate_all(workdir, report_dir, data_dir, compare_paper=True,
-                                folds=(config.fold,))
-  evaluation = json.load(open(os.path.join(run_dir, "evaluation.json"), encoding="utf-8"))
+  paths = runs.evaluate_all(workdir, report_dir, data_dir, compare_paper=True,
+                            folds=(config.fold,))
+  evaluation = atomic.read_json(os.path.join(run_dir, "evaluation.json"))
   test = evaluation["test"]
-  print(eval_lib.format_table({**test, "threshold": evaluation["threshold"]}))
+  print(score.format_table({**test, "threshold": evaluation["threshold"]}))
 
   _stage("5/5 overlays")
-  os.makedirs(os.path.join(report_dir, "overlays"), exist_ok=True)
   cases = dataset.read_cases(data_dir, "test")
   shown = sorted(cases, key=lambda c: -len(c.mitotic_figures))[:n_overlays]
-  found = predictions.read_predictions(
-      os.path.join(run_dir, "predictions", "test.json"), {c.file_name: c.um_per_px for c in cases})
-  for case, image in dataset.iterate_rois(data_dir, shown):
-    path = os.path.join(report_dir, "overlays", case.file_name.replace(".tiff", ".png"))
-    d = found[case.file_name]
-    overlay.write_overlay(path, image, d.xy, case.mitotic_figures, case.um_per_px,
-                          title=case.file_name, scores=d.scores, threshold=evaluation["threshold"])
-    paths.append(path)
+  paths += overlay.write_case_overlays(
+      os.path.join(report_dir, "overlays"), dataset.iterate_rois(data_dir, shown),
+      os.path.join(run_dir, "predictions", "test.json"), evaluation["threshold"])
 
-  summary = {
-      "f1_overall": test["overall"]["f1"],
-      "ap_overall": test["overall"]["ap"],
-      "f1_by_tumor_type": {t: m["f1"] for t, m in test["tumor_types"].items()},
-      "ap_by_tumor_type": {t: m["ap"] for t, m in test["tumor_types"].items()},
-      "threshold": evaluation["threshold"],
-      "test_cases": len(cases),
-      "wall_seconds": time.time() - start,
-      "report": sorted(os.path.relpath(p, workdir) for p in paths),
-  }
-  files.write_json(os.path.join(workdir, "summary.json"), summary)
+  summary = {**runs.headline(evaluation), "test_cases": len(cases),
+             "wall_seconds": time.time() - start,
+             "report": sorted(os.path.relpath(p, workdir) for p in paths)}
+  atomic.write_json(os.path.join(workdir, "summary.json"), summary)
   print(f"\npooled test F1 {summary['f1_overall']:.3f}, AP {summary['ap_overall']:.3f} "
         f"in {summary['wall_seconds']:.0f} s; report in {report_dir}, summary in "
         f"{os.path.join(workdir, 'summary.json')}")
@@ -122,10 +115,10 @@ def main(argv) -> int:
     print(f"error: unexpected arguments {' '.join(argv[1:])} (see python -m midog_jax.demo "
           "--help)", file=sys.stderr)
     return 2
-  with cli.logging_to_stderr(cli.absl_verbosity()):
+  with console.logging_to_stderr(console.absl_verbosity()):
     run(_CONFIG.value, _WORKDIR.value, _OVERLAYS.value)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(cli.absl_main(main, __name__, __doc__))
+  sys.exit(console.absl_main(main, __name__, __doc__))

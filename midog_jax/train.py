@@ -23,7 +23,7 @@ from absl import flags
 from absl import logging as absl_logging  # noqa: F401  Defines --verbosity (-v).
 from ml_collections import config_flags
 
-from midog_jax import cli
+from midog_jax import console
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file with get_config() (configs/X.py:ARG passes ARG); "
@@ -59,7 +59,7 @@ def format_summary(summary: dict[str, Any], workdir: str) -> str:
   if summary.get("best_valid_ap") is not None:
     rows.append(("best valid AP", f"{summary['best_valid_ap']:.4f} at step "
                  f"{summary.get('best_step')} (the checkpoint detection uses)"))
-  rows.append(("training time", cli.format_duration(summary.get("train_seconds") or 0)))
+  rows.append(("training time", console.format_duration(summary.get("train_seconds") or 0)))
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -68,7 +68,7 @@ def main(argv: Sequence[str]) -> int:
   """Trains with the parsed flags (also callable by `absl.app.run`)."""
   if len(argv) > 1:
     return _usage_error(f"unexpected arguments {' '.join(argv[1:])}")
-  with cli.logging_to_stderr(cli.absl_verbosity()):
+  with console.logging_to_stderr(console.absl_verbosity()):
     return _main()
 
 
@@ -88,9 +88,12 @@ def _main() -> int:
   if not 0 <= config.fold < config.num_folds:
     return _usage_error(f"--config.fold={config.fold} is not in 0..{config.num_folds - 1}")
   # JAX, TensorFlow and Orbax only now: --help and usage errors answer at once.
-  from midog_jax import checkpoints, run_data, trainer, workdir
+  from midog_jax.training import checkpoints
+  from midog_jax.training import inputs
+  from midog_jax.training import trainer
+  from midog_jax.training import workdir
   try:
-    data = run_data.build(config)
+    data = inputs.build(config)
     summary = trainer.train(config, _WORKDIR.value, data).summary
   except trainer.TrainingDiverged as e:
     print(f"error: {e}", file=sys.stderr)
@@ -105,4 +108,4 @@ def _main() -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(cli.absl_main(main, __name__, __doc__))
+  sys.exit(console.absl_main(main, __name__, __doc__))

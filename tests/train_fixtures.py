@@ -5,7 +5,7 @@ import pathlib
 import tensorflow_datasets as tfds
 
 from configs import demo
-from midog_jax import synthetic
+from midog_jax.data import synthetic
 from tfds_midogpp.midogpp import midogpp_dataset_builder as builder_lib
 
 

@@ -14,11 +14,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
-from midog_jax import annotations as annotations_lib
-from midog_jax import cli
+from midog_jax import console
 from midog_jax import domains
-from midog_jax import roi_io
-from midog_jax import tissue
+from midog_jax.data import annotations as annotations_lib
+from midog_jax.data import normalization
+from midog_jax.data import roi_io
 from tfds_midogpp.midogpp import sources
 
 ANNOTATIONS_URL = sources.DEFAULT_ANNOTATIONS_URL + sources.ANNOTATION_PATHS["annotations"]
@@ -40,9 +40,9 @@ def _under_tfds_command() -> bool:
 if _under_tfds_command():
   # TFDS's notice about the version folder it creates itself, and Beam's
   # expected notices, are not for the user. (The project's own commands
-  # hide them through `cli.setup_logging`, and show them at verbosity 2.)
+  # hide them through `console.setup_logging`, and show them at verbosity 2.)
   for _logger in (logging.getLogger("absl"), logging.getLogger()):
-    _logger.addFilter(cli.HideDemoted())
+    _logger.addFilter(console.HideDemoted())
 
 
 @dataclasses.dataclass(eq=False)
@@ -223,7 +223,7 @@ def example(path: str, case: annotations_lib.Case) -> dict:
   rgb = roi_io.read_roi(path, expected_size=(case.width, case.height))
   um_per_px = roi_io.read_um_per_px(path) or case.um_per_px
   domain = domains.domain(case.domain)
-  stats = tissue.tissue_stats(rgb)
+  stats = normalization.tissue_stats(rgb)
   half = annotations_lib.BOX_SIZE / 2
   w, h = case.width, case.height
   return {

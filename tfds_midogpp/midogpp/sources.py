@@ -22,7 +22,7 @@ import urllib.parse
 
 from etils import epath
 
-from midog_jax import roi_io
+from midog_jax.data import roi_io
 
 _HERE = epath.Path(__file__).parent
 # Pinned in the authors' repository; sizes and sha256 are in checksums.tsv.

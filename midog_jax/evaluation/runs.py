@@ -1,0 +1,141 @@
+"""Evaluates finished training runs on the test split, as the paper did.
+
+For each run: detect on its validation fold and on the test split with the
+best checkpoint (predictions are cached in the run and recomputed only when
+the checkpoint changed), choose the threshold on the validation fold (best
+pooled F1, 0.50 to 0.99), and score the test cases per tumour type.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from typing import Iterator
+
+from midog_jax import atomic
+from midog_jax import console
+from midog_jax.data import dataset
+from midog_jax.data import roi_store
+from midog_jax.detection import detector as detector_lib
+from midog_jax.detection import predictions
+from midog_jax.evaluation import domain_matrix
+from midog_jax.evaluation import metrics
+
+
+def finished_runs(root: str) -> Iterator[str]:
+  """Run directories under `root` whose summary says finished, sorted."""
+  for dirpath, _, files in sorted(os.walk(root)):
+    if "summary.json" in files and "cases.json" in files:
+      with open(os.path.join(dirpath, "summary.json"), encoding="utf-8") as f:
+        if json.load(f).get("status") == "finished":
+          yield dirpath
+
+
+def _scored(cases, found) -> list[metrics.ScoredCase]:
+  return [metrics.ScoredCase(c.mitotic_figures, *found[c.file_name], c.um_per_px) for c in cases]
+
+
+def _detections(run, cases, rois: roi_store.RoiCache, name: str, make_detector) -> dict:
+  """{file: (xy, scores)}, from the run's cache when made by this checkpoint.
+
+  `make_detector()` returns the run's `detector.Detector`, built only when needed.
+  """
+  folder = os.path.join(run.workdir, "predictions")
+  path, stamp_path = os.path.join(folder, f"{name}.json"), os.path.join(folder, f"{name}.stamp.json")
+  um = {c.file_name: c.um_per_px for c in cases}
+  stamp = _stamp(run, cases)
+  if os.path.exists(stamp_path) and os.path.exists(path):
+    try:
+      if atomic.read_json(stamp_path) == stamp:
+        cached = predictions.read_predictions(path, um)
+        if set(cached) == set(um):
+          return {k: (v.xy, v.scores) for k, v in cached.items()}
+    except (ValueError, predictions.PredictionError):
+      pass  # A damaged cache is made again.
+  found = {name_: (xy, s) for name_, _, xy, s in detector_lib.detect_all(
+      make_detector(), ((c.file_name, rois.get(c.case_id)) for c in cases), len(cases))}
+  os.makedirs(folder, exist_ok=True)
+  predictions.write_predictions(path, found, um)
+  atomic.write_json(stamp_path, stamp)  # After the predictions: a kill between leaves no stamp.
+  return found
+
+
+def _stamp(run, cases) -> dict:
+  """What the cached predictions depend on: the checkpoint (step and commit
+  time), the detection settings and the cases."""
+  committed = os.path.join(run.workdir, "checkpoints", str(run.step))
+  c = run.config
+  return {"step": run.step, "committed_ns": os.stat(committed).st_mtime_ns,
+          "patch_size": c.patch_size, "model": c.model.to_dict(), "eval": {
+              k: c.eval[k] for k in ("score_threshold", "max_detections_per_window")},
+          "normalization": run.normalization.to_json(),
+          "cases": [[x.file_name, x.record.shard, x.record.offset] for x in cases]}
+
+
+def evaluate_run(workdir: str, rois: roi_store.RoiCache, train_cases, test_cases) -> dict:
+  """Writes and returns `workdir/evaluation.json` for one finished run.
+
+  `train_cases` and `test_cases` are the dataset's splits (`dataset.read_cases`),
+  read once for all runs: each read is a pass over every record.
+  """
+  run = detector_lib.load_run(workdir)
+  with open(os.path.join(workdir, "cases.json"), encoding="utf-8") as f:
+    meta = json.load(f)
+  valid_cases = dataset.select_cases(train_cases, file_names=meta["valid"])
+  # One detector (one compilation) for both splits, and none when both are cached.
+  make_detector = functools.cache(lambda: detector_lib.Detector(run))
+  valid = _detections(run, valid_cases, rois, "valid", make_detector)
+  threshold, valid_f1 = metrics.choose_threshold(_scored(valid_cases, valid))
+  test = _detections(run, test_cases, rois, "test", make_detector)
+  report = metrics.summarize(_scored(test_cases, test), [c.tumor for c in test_cases],
+                             threshold, [c.file_name for c in test_cases])
+  result = {"experiment": meta["experiment"], "fold": meta["fold"], "checkpoint_step": run.step,
+            "threshold": threshold, "valid_f1": valid_f1, "test": report}
+  atomic.write_json(os.path.join(workdir, "evaluation.json"), metrics.json_safe(result))
+  return result
+
+
+def headline(evaluation: dict) -> dict:
+  """The test F1 and AP, pooled and per tumour type, of a run's `evaluation.json`."""
+  test = evaluation["test"]
+  return {"f1_overall": test["overall"]["f1"], "ap_overall": test["overall"]["ap"],
+          "f1_by_tumor_type": {t: m["f1"] for t, m in test["tumor_types"].items()},
+          "ap_by_tumor_type": {t: m["ap"] for t, m in test["tumor_types"].items()},
+          "threshold": evaluation["threshold"]}
+
+
+def evaluate_all(root: str, out_dir: str, data_dir: str | None = None,
+                 compare_paper: bool = False, folds=domain_matrix.DEFAULT_FOLDS,
+                 cache_bytes: int = 16 << 30) -> list[str]:
+  """Evaluates every finished run under `root` and writes the domain matrices."""
+  runs = list(finished_runs(root))
+  if not runs:
+    raise FileNotFoundError(f"{root}: no finished run (a folder with summary.json and cases.json)")
+  if data_dir is None:  # The runs' own, from the first run's configuration.
+    with open(os.path.join(runs[0], "config.json"), encoding="utf-8") as f:
+      data_dir = json.load(f)["data_dir"]
+  logging.info("Evaluating %d finished run(s) under %s; reading the cases of %s.", len(runs),
+               root, data_dir)
+  train_cases = dataset.read_cases(data_dir, "train")
+  test_cases = dataset.read_cases(data_dir, "test")
+  all_cases = {c.case_id: c for c in train_cases + test_cases}
+  reader = dataset.RoiReader(data_dir)
+  rois = roi_store.RoiCache(lambda i: reader(all_cases[i]), cache_bytes)
+  results, evaluations = [], []
+  # Even with every prediction cached, loading each run takes a second or two.
+  bar = console.Progress(len(runs), "eval", "run", interval=10.0)
+  for workdir in runs:
+    bar.set_postfix(os.path.relpath(workdir, root))
+    ev = evaluate_run(workdir, rois, train_cases, test_cases)
+    bar.update(1)
+    evaluations.append({"workdir": os.path.relpath(workdir, root), **metrics.json_safe(ev)})
+    per_tumor = {t: {k: m[k] for k in ("f1", "ap", "tp", "fp", "fn")}
+                 for t, m in ev["test"]["tumor_types"].items()}
+    results.append(domain_matrix.RunResult(ev["experiment"], ev["fold"], per_tumor))
+  bar.close()
+  os.makedirs(out_dir, exist_ok=True)
+  atomic.write_json(os.path.join(out_dir, "runs.json"), evaluations)
+  return [os.path.join(out_dir, "runs.json")] + list(
+      domain_matrix.write_report(results, out_dir, compare_paper=compare_paper, folds=folds))
