@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
       subprocess.run([sys.executable, "-c", (
           "import tensorflow_datasets as tfds\n"
           "from configs import demo\n"
-          "from midog_jax import synthetic\n"
+          "from midog_jax.data import synthetic\n"
           "from tfds_midogpp.midogpp import midogpp_dataset_builder as b\n"
           "s = demo.get_config().synthetic\n"
           f"synthetic.write_dataset({manual!r}, s.cases_per_domain, s.width, s.height, "

@@ -6,6 +6,7 @@ half-written one (rename is atomic within a file system).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import uuid
@@ -38,6 +39,13 @@ def write_bytes(path: epath.PathLike, data: bytes | memoryview) -> None:
   finally:
     if tmp.exists():
       tmp.unlink()
+
+
+def write_figure(path: epath.PathLike, figure: Any, **savefig_kwargs: Any) -> None:
+  """A Matplotlib figure saved to `path` atomically (the format from its suffix)."""
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format=os.path.splitext(str(path))[1][1:] or "png", **savefig_kwargs)
+  write_bytes(path, buffer.getbuffer())
 
 
 def write_json(path: epath.PathLike, obj: Any, indent: int | None = 1) -> None:

@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Iterable, Iterator, TextIO, TypeVar
 
@@ -193,6 +195,36 @@ def logging_to_stderr(verbosity: int = 0) -> Iterator[None]:
     tf_logger.setLevel(saved[2])
     if absl_level is not None:
       absl.get_absl_logger().setLevel(absl_level)
+
+
+class Interrupt:
+  """Which signal stopped a command: `signum` (None while none came)."""
+  signum: int | None = None
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[Interrupt]:
+  """SIGTERM (a scheduler's stop) raises KeyboardInterrupt, as Ctrl-C does.
+
+  Only the main thread can set handlers; elsewhere this does nothing. A
+  training loop sets its own handlers meanwhile (it saves, then stops).
+  """
+  caught = Interrupt()
+  if threading.current_thread() is not threading.main_thread():
+    yield caught
+    return
+
+  def handler(signum, frame):
+    del frame
+    caught.signum = signum
+    raise KeyboardInterrupt
+
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield caught
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
 
 
 def format_duration(seconds: float) -> str:

@@ -12,6 +12,7 @@ one QuPath GeoJSON per image on request, and overlay PNGs to check by eye
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -25,9 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
   from midog_jax.detection import outputs  # NumPy and Matplotlib only.
   parser = argparse.ArgumentParser(prog="python -m midog_jax.detect",
                                    description=__doc__.splitlines()[0])
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--workdir", help="a training run (its best checkpoint is used)")
-  source.add_argument("--checkpoint", help="WORKDIR/checkpoints/STEP (default: the best)")
+  parser.add_argument("--workdir", help="a training run (its best checkpoint is used)")
+  parser.add_argument("--checkpoint", help="WORKDIR/checkpoints/STEP, or STEP with --workdir "
+                                           "(default: the best)")
   images = parser.add_mutually_exclusive_group(required=True)
   images.add_argument("--images", nargs="+", help="TIFF files (RGB, RGBA or greyscale, 8 bit)")
   images.add_argument("--split", choices=("train", "valid", "test"),
@@ -52,7 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   console.quiet_startup()
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if not (args.workdir or args.checkpoint):
+    parser.error("one of --workdir and --checkpoint is required")
+  if args.workdir and args.checkpoint:  # One checkpoint of that run.
+    steps = os.path.join(args.workdir, "checkpoints")
+    if args.checkpoint.isdigit():
+      args.checkpoint = os.path.join(steps, args.checkpoint)
+    elif os.path.abspath(os.path.dirname(args.checkpoint.rstrip("/"))) != os.path.abspath(steps):
+      parser.error(f"--checkpoint {args.checkpoint} is not a checkpoint of --workdir "
+                   f"{args.workdir} (expected {steps}/STEP or a step number)")
   with console.logging_to_stderr(args.verbose):
     return _detect(args)
 

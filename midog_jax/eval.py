@@ -85,6 +85,8 @@ def build_runs_parser() -> argparse.ArgumentParser:
                       help="put the paper's Tables 4-7 values beside each cell")
   parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: the runs')")
   parser.add_argument("--folds", default="0,1,2,3,4", help="folds expected per experiment")
+  parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                      help="the epoch model selection kept (default, the paper's), or the last")
   parser.add_argument("-v", "--verbose", action="count", default=0,
                       help="errors with their traceback and more log lines (-vv: all)")
   return parser
@@ -94,7 +96,8 @@ def _run_runs(args: argparse.Namespace) -> int:
   from midog_jax.evaluation import runs  # JAX and TensorFlow; `score` needs neither.
   try:
     paths = runs.evaluate_all(args.runs, args.out, args.data_dir, args.compare_paper,
-                              tuple(int(f) for f in args.folds.split(",")))
+                              tuple(int(f) for f in args.folds.split(",")),
+                              checkpoint=args.checkpoint)
   except (FileNotFoundError, ValueError, OSError) as e:
     if args.verbose:
       raise

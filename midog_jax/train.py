@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from typing import Any, Sequence
 
@@ -42,10 +43,6 @@ def _usage_error(message: str) -> int:
   return 2
 
 
-def _fmt(value: Any, spec: str = ".4f") -> str:
-  return "n/a" if value is None else format(value, spec)
-
-
 def format_summary(summary: dict[str, Any], workdir: str) -> str:
   """The run's result as a few aligned lines."""
   if summary.get("status") != "finished":
@@ -54,12 +51,15 @@ def format_summary(summary: dict[str, Any], workdir: str) -> str:
   final = summary.get("final") or {}
   rows = [("run", workdir), ("status", "finished"),
           ("epochs", f"{summary.get('epochs')} ({summary.get('steps')} steps)"),
-          ("train loss", f"{_fmt(final.get('train_loss'))} (last epoch)"),
-          ("valid loss", f"{_fmt(final.get('valid_loss'))} (last epoch)")]
+          *((f"{k} loss", ("n/a" if final.get(f"{k}_loss") is None
+                           else format(final[f"{k}_loss"], ".4f")) + " (last epoch)")
+            for k in ("train", "valid"))]
   if summary.get("best_valid_ap") is not None:
     rows.append(("best valid AP", f"{summary['best_valid_ap']:.4f} at step "
                  f"{summary.get('best_step')} (the checkpoint detection uses)"))
   rows.append(("training time", console.format_duration(summary.get("train_seconds") or 0)))
+  if summary.get("selection_warning"):
+    rows.append(("warning", summary["selection_warning"]))
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -87,24 +87,36 @@ def _main() -> int:
     return _usage_error("--workdir is required to train")
   if not 0 <= config.fold < config.num_folds:
     return _usage_error(f"--config.fold={config.fold} is not in 0..{config.num_folds - 1}")
+  with console.sigterm_as_interrupt() as interrupt:
+    try:
+      summary = _train(config)
+    except KeyboardInterrupt:  # Outside the loop, which saves and stops by itself.
+      print("error: interrupted outside the training loop; nothing was lost: run the same "
+            "command again to resume", file=sys.stderr)
+      return 143 if interrupt.signum == signal.SIGTERM else 130
+  if not isinstance(summary, int):  # Else an error's exit code, the error printed.
+    print(json.dumps(summary, indent=1) if _JSON.value else format_summary(summary, _WORKDIR.value))
+  return 0 if not isinstance(summary, int) else summary
+
+
+def _train(config) -> dict[str, Any] | int:
+  """The run's summary, or the exit code of an error it printed."""
   # JAX, TensorFlow and Orbax only now: --help and usage errors answer at once.
   from midog_jax.training import checkpoints
   from midog_jax.training import inputs
   from midog_jax.training import trainer
-  from midog_jax.training import workdir
+  from midog_jax.training import workdir as workdir_lib
   try:
     data = inputs.build(config)
-    summary = trainer.train(config, _WORKDIR.value, data).summary
+    return trainer.train(config, _WORKDIR.value, data).summary
   except trainer.TrainingDiverged as e:
     print(f"error: {e}", file=sys.stderr)
     return 3
-  except (checkpoints.CheckpointError, workdir.WorkdirInUse, workdir.WorkdirMismatch,
+  except (checkpoints.CheckpointError, workdir_lib.WorkdirInUse, workdir_lib.WorkdirMismatch,
           FileNotFoundError, ValueError, OSError) as e:
     logging.debug("Traceback of the error:", exc_info=True)  # With --verbosity=1.
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(json.dumps(summary, indent=1) if _JSON.value else format_summary(summary, _WORKDIR.value))
-  return 0
 
 
 if __name__ == "__main__":

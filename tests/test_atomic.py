@@ -34,3 +34,20 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
     atomic.write_text(path, "new\n")
   assert path.read_text() == "old\n"
   assert os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_a_figure_is_written_whole_in_the_format_of_its_suffix(tmp_path, monkeypatch):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig = plt.figure(figsize=(1, 1))
+  atomic.write_figure(tmp_path / "a.png", fig, dpi=20)
+  atomic.write_figure(tmp_path / "a.pdf", fig)
+  assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert (tmp_path / "a.pdf").read_bytes()[:5] == b"%PDF-"
+  monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "full")))
+  with pytest.raises(OSError):
+    atomic.write_figure(tmp_path / "a.png", fig)
+  assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # The old one stays.
+  assert sorted(os.listdir(tmp_path)) == ["a.pdf", "a.png"]
+  plt.close(fig)

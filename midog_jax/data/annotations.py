@@ -88,6 +88,12 @@ def read_splits(path: str | os.PathLike[str]) -> dict[int, dict[str, str]]:
     raise AnnotationError(
         f"{path}: split file not found; pass the path of "
         "datasets_xvalidation.csv from the MIDOG++ repository") from None
+  except IsADirectoryError:
+    raise AnnotationError(f"{path} is a folder; pass the path of the file "
+                          f"{os.path.join(path, 'datasets_xvalidation.csv')}") from None
+  except UnicodeDecodeError as e:
+    raise AnnotationError(f"{path}: not a text file ({e.reason}); pass "
+                          "datasets_xvalidation.csv") from None
   if not rows or any(c not in fields for c in CSV_COLUMNS):
     raise AnnotationError(
         f"{path}: expected a ';'-separated header {';'.join(CSV_COLUMNS)}, "
@@ -172,6 +178,9 @@ def load_cases(
   except FileNotFoundError:
     raise AnnotationError(
         f"{annotations}: annotation file not found; pass the path of MIDOG++.json") from None
+  except IsADirectoryError:
+    raise AnnotationError(f"{annotations} is a folder; pass the path of the file "
+                          f"{os.path.join(annotations, 'MIDOG++.json')}") from None
   except json.JSONDecodeError as e:
     raise AnnotationError(f"{annotations}: not valid JSON ({e})") from None
   if not isinstance(data, dict):

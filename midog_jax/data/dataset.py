@@ -4,9 +4,11 @@ Cases are found by identity, never by position: a split is scanned once
 (`records.scan`), each case's record location (shard, byte offset) and
 metadata are kept in a small index beside the dataset, and an ROI is read
 by seeking to its record. Shard counts, TFDS's record order and reading
-order therefore do not matter. TensorFlow is used only through TFDS to find
-the dataset; records are parsed by TFDS's NumPy parser and PNGs decoded by
-imagecodecs, so what comes out is NumPy, on the CPU.
+order therefore do not matter. Every record read is checked against its
+CRCs, so a damaged shard is an error naming it, never silently wrong data.
+TensorFlow is used only through TFDS to find the dataset; records are
+parsed by TFDS's NumPy parser and PNGs decoded by imagecodecs, so what
+comes out is NumPy, on the CPU.
 """
 
 from __future__ import annotations
@@ -226,7 +228,7 @@ class RoiReader:
 
   def __call__(self, case: CaseInfo) -> np.ndarray:
     import tensorflow_datasets as tfds
-    data = records.read(self._folder, case.record)
+    data = records.read(self._folder, case.record, name=case.file_name)  # CRC-checked.
     ex = self._features.deserialize_example_np(
         data, decoders={"image": tfds.decode.SkipDecoding()})
     if _text(ex["file_name"]) != case.file_name:

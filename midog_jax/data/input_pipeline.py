@@ -11,21 +11,20 @@ would have seen. Imports neither TensorFlow nor TFDS.
 from __future__ import annotations
 
 import functools
+import math
 import queue
 import threading
 from typing import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
+from midog_jax import sharding
 from midog_jax.data import augment
 from midog_jax.data import crops
 from midog_jax.data import roi_store
 from midog_jax.data import sampling
-
-DATA_AXIS = "data"
-
 
 def sampled_cases(cases: Sequence) -> list[sampling.SampledCase]:
   """`dataset.CaseInfo` (or anything with the same fields) -> sampler cases."""
@@ -74,15 +73,19 @@ class PatchInput:
     self.guided_fraction, self.validation, self.prefetch = guided_fraction, validation, prefetch
     self.window = window
     self.workers = workers or crops.default_workers()
-    self.mesh = mesh or Mesh(np.array(jax.devices()), (DATA_AXIS,))
+    self.mesh = mesh or sharding.make_mesh()
     if reuse_buffers is None:
       reuse_buffers = all(d.platform != "cpu" for d in self.mesh.devices.flat)
     self.reuse_buffers = reuse_buffers
-    self.sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+    self.sharding = sharding.batch_sharded(self.mesh)
     n_proc = jax.process_count()
     if global_batch_size % self.mesh.size or global_batch_size % n_proc:
-      raise ValueError(f"global batch {global_batch_size} does not divide over "
-                       f"{self.mesh.size} devices and {n_proc} hosts")
+      step = math.lcm(self.mesh.size, n_proc)
+      below, above = global_batch_size // step * step, (global_batch_size // step + 1) * step
+      raise ValueError(
+          f"global batch {global_batch_size} does not divide over {self.mesh.size} devices and "
+          f"{n_proc} host(s); set --config.batch_size to a multiple of {step} (e.g. "
+          f"{below or above} or {above}), or use fewer devices (CUDA_VISIBLE_DEVICES)")
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // n_proc
     self.max_objects = max_objects or crops.max_objects_in_window(self.cases, self.crop_size)

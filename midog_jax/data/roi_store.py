@@ -16,24 +16,34 @@ leaves nothing half-written, and two processes decoding the same ROI at
 once both leave the same complete file. The dataset folder is replaced as a
 whole when `tfds build` makes it again, so a record's (shard, offset) names
 its pixels for the life of the files.
+
+Each raw file has a sidecar `<file>.crc32c` (its CRC-32C and size, JSON),
+written after the file, so a kill in between leaves a file without one. A
+process checks each file against its sidecar on first use (about 10 ms
+for a full-size ROI in the page cache, benchmarks/README.md); a file that
+fails, or has no sidecar (a kill, or a store of an earlier version), is
+decoded again and replaced, so no run uses a file damaged before it began.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import os
 import shutil
 import threading
 from typing import Callable, Sequence
 
+import google_crc32c
 import numpy as np
 
 from midog_jax import atomic
 
 FOLDER = "midog_jax-decoded"
 MODES = ("auto", "ram", "disk")
+CHECKSUM = ".crc32c"  # The sidecar's suffix.
 
 
 class DecodedStore:
@@ -52,6 +62,8 @@ class DecodedStore:
                        "decoded_dir to a local disk")
     os.makedirs(self.folder, exist_ok=True)
     self.decodes = 0
+    self._verified: set[str] = set()  # Files checked against their sidecar by this process.
+    self._told_unchecked = False
 
   def path(self, case) -> str:
     shard = os.path.basename(case.record.shard)
@@ -61,17 +73,56 @@ class DecodedStore:
   def __call__(self, case) -> np.ndarray:
     path = self.path(case)
     shape = (case.height, case.width, 3)
-    if not (os.path.exists(path) and os.path.getsize(path) == int(np.prod(shape))):
-      self._write(path, case, shape)
+    if path not in self._verified:
+      if not self._intact(path, shape):
+        self._write(path, case, shape)
+      self._verified.add(path)
     return np.memmap(path, np.uint8, "r", shape=shape)
+
+  def _intact(self, path: str, shape: tuple[int, int, int]) -> bool:
+    """Whether `path` holds `shape`'s bytes and matches its sidecar (logs why not)."""
+    if not os.path.exists(path):
+      return False  # Not decoded yet.
+    size = os.path.getsize(path)
+    if size != int(np.prod(shape)):
+      logging.warning("%s: %d bytes, expected %d; decoding it again.", path, size,
+                      int(np.prod(shape)))
+      return False
+    try:
+      want = atomic.read_json(path + CHECKSUM)
+      want = (int(want["crc32c"]), int(want["bytes"]))
+    except FileNotFoundError:  # A kill before the sidecar, or an earlier version's store.
+      # Said once per process: a store of an earlier version lacks every sidecar.
+      logging.log(logging.DEBUG if self._told_unchecked else logging.INFO,
+                  "%s has no checksum (a store of an earlier version, or a decode cut "
+                  "short); decoding it again, and any other such file.", path)
+      self._told_unchecked = True
+      return False
+    except (ValueError, KeyError, TypeError) as e:
+      logging.warning("%s: unreadable checksum (%s); decoding it again.", path + CHECKSUM, e)
+      return False
+    if want != (_crc32c(np.memmap(path, np.uint8, "r")), size):
+      logging.warning("%s is damaged (its CRC-32C does not match %s); decoding it again.",
+                      path, os.path.basename(path) + CHECKSUM)
+      return False
+    return True
 
   def _write(self, path: str, case, shape: tuple[int, int, int]) -> None:
     image = np.ascontiguousarray(self._decode(case))
     if image.shape != shape or image.dtype != np.uint8:
       raise ValueError(f"{case.file_name}: decoded {image.dtype} {image.shape}, the index "
                        f"says {shape}")
+    sidecar = path + CHECKSUM
+    with contextlib.suppress(FileNotFoundError):  # Gone first: a kill leaves no stale one.
+      os.remove(sidecar)
     atomic.write_bytes(path, memoryview(image).cast("B"))
+    atomic.write_json(sidecar, {"crc32c": _crc32c(image), "bytes": image.nbytes}, indent=None)
     self.decodes += 1
+
+
+def _crc32c(array: np.ndarray) -> int:
+  """CRC-32C of an array's bytes (a NumPy array is passed without a copy)."""
+  return google_crc32c.value(np.ascontiguousarray(array).reshape(-1))
 
 
 def decoded_bytes(cases: Sequence) -> int:

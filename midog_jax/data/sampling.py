@@ -8,10 +8,11 @@ a patch around a mitotic figure drawn uniformly from the case's figures:
   x0 = clip(bx - randint(0, P), 0, W - P),  bx = centre_x - 25
 
 (the same for y), where (bx, by) is the figure box's top-left corner and
-randint's upper bound is exclusive. The offset lies in [0, P), not
-[0, P - 50], so the patch always contains the box's top-left corner (clamped
-to the image) but the centre can fall up to 25 px beyond the patch's right or
-bottom edge; the host crop's margin still holds it (see `patches`).
+randint is Python's `random.randint`, whose upper bound is inclusive. The
+offset lies in [0, P], not [0, P - 50], so the box's top-left corner
+(clamped to the image) lies in the patch or on its right or bottom edge, but the
+centre can fall up to 25 px beyond the patch's right or bottom edge; the host
+crop's margin still holds it (see `crops`).
 
 A plan is a pure function of (seed, epoch, case list): the generator is
 `np.random.default_rng([seed, epoch])` and draws a fixed number of values per

@@ -15,7 +15,6 @@ from typing import Any, Iterable, Iterator, Sequence
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from midog_jax import atomic
@@ -54,6 +53,10 @@ def checkpoint_dir(workdir: str | None, checkpoint: str | None) -> tuple[str, st
             and os.path.exists(os.path.join(workdir, "config.json"))):
       raise FileNotFoundError(
           f"{checkpoint}: expected WORKDIR/checkpoints/STEP with WORKDIR/config.json")
+    if not os.path.isdir(checkpoint):
+      steps = checkpoints.RunCheckpoints(workdir, read_only=True).steps()
+      raise FileNotFoundError(f"{checkpoint}: no such checkpoint; the run has step(s) "
+                              f"{', '.join(map(str, steps)) or 'none'}")
     return workdir, checkpoint
   workdir = os.path.abspath(workdir)
   if not os.path.exists(os.path.join(workdir, "config.json")):
@@ -73,7 +76,11 @@ def checkpoint_dir(workdir: str | None, checkpoint: str | None) -> tuple[str, st
 
 
 def load_run(workdir: str | None = None, checkpoint: str | None = None) -> LoadedRun:
-  """Loads config, normalisation and weights of a run (best epoch by default)."""
+  """Loads config, normalisation and weights of a run (best epoch by default).
+
+  By default a damaged best checkpoint is passed over, with a warning, for the
+  best intact one; a damaged `checkpoint` named by the user fails, naming it.
+  """
   workdir, ckpt = checkpoint_dir(workdir, checkpoint)
   config = ml_collections.ConfigDict(atomic.read_json(os.path.join(workdir, "config.json")))
   norm = normalization_lib.Normalization.load(os.path.join(workdir, "normalization.json"))
@@ -83,9 +90,19 @@ def load_run(workdir: str | None = None, checkpoint: str | None = None) -> Loade
   graphdef, abstract = steps.abstract_train_state(
       lambda: retinanet.RetinaNet(model_config, rngs=nnx.Rngs(0)), tx,
       jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-  restored = ocp.StandardCheckpointer().restore(os.path.join(ckpt, "state"), abstract)
-  return LoadedRun(workdir, int(os.path.basename(ckpt)), config, norm, graphdef,
-                   restored.params, restored.batch_stats)
+  try:
+    if checkpoint:
+      step, restored = int(os.path.basename(ckpt)), checkpoints.read_state(ckpt, abstract)
+    else:
+      found = checkpoints.RunCheckpoints(workdir, read_only=True).restore_best(abstract)
+      if found is None:  # Its steps were removed since `checkpoint_dir` looked.
+        raise FileNotFoundError(f"{workdir}: no checkpoint in checkpoints/")
+      step, restored = found
+  except (ValueError, KeyError, TypeError) as e:  # Orbax: a tree that does not fit.
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f"{ckpt}: the checkpoint does not fit the run's config.json "
+                     f"({first[:200]}); detect with the config.json it was trained with") from e
+  return LoadedRun(workdir, step, config, norm, graphdef, restored.params, restored.batch_stats)
 
 
 class Detector:
@@ -124,11 +141,12 @@ def operating_point(run: LoadedRun, threshold: float | None) -> tuple[float, str
   """(threshold, where it came from): given, else chosen on the validation fold."""
   if threshold is not None:
     return threshold, "--threshold"
-  path = os.path.join(run.workdir, "evaluation.json")
-  if os.path.exists(path):
-    evaluation = atomic.read_json(path)
-    if evaluation.get("checkpoint_step") == run.step and evaluation.get("threshold") is not None:
-      return float(evaluation["threshold"]), "chosen on the validation fold, evaluation.json"
+  for name in ("evaluation.json", "evaluation.last.json"):  # `eval --runs [--checkpoint last]`.
+    path = os.path.join(run.workdir, name)
+    if os.path.exists(path):
+      evaluation = atomic.read_json(path)
+      if evaluation.get("checkpoint_step") == run.step and evaluation.get("threshold") is not None:
+        return float(evaluation["threshold"]), f"chosen on the validation fold, {name}"
   return DEFAULT_OPERATING_POINT, ("the reference's detection threshold; run `python -m "
                                    "midog_jax.eval --runs` to choose one on the validation fold")
 

@@ -54,7 +54,8 @@ def _is_mitotic(name: Any) -> bool:
   return isinstance(name, str) and name.strip().lower() == MITOTIC_FIGURE
 
 
-def _parse_image(entry: Any, where: str, other_names: dict[str, int] | None = None) -> Detections:
+def _parse_image(entry: Any, where: str, other_names: dict[str, int] | None = None,
+                 no_probability: list[int] | None = None) -> Detections:
   if not isinstance(entry, dict) or "points" not in entry:
     raise PredictionError(f"{where}: expected an object with a 'points' list")
   points = entry["points"]
@@ -77,6 +78,8 @@ def _parse_image(entry: Any, where: str, other_names: dict[str, int] | None = No
     if x < 0 or y < 0:
       raise PredictionError(f"{w}: negative coordinates {c!r}; expected mm from the top left")
     xy.append((x, y))
+    if "probability" not in p and no_probability is not None:
+      no_probability[0] += 1
     prob = _number(p.get("probability", DEFAULT_PROBABILITY), w, "probability")
     if not 0.0 <= prob <= 1.0:
       raise PredictionError(f"{w}: probability {prob!r} is outside [0, 1]")
@@ -118,9 +121,10 @@ def read_predictions(
     raise PredictionError(
         f"{path}: expected a JSON object {{file_name: {{\"points\": [...]}}}}, "
         f"got {type(data).__name__}")
-  out, unknown, other_names = {}, [], {}
+  out, unknown, other_names, no_probability = {}, [], {}, [0]
+  known_lower = {n.lower(): n for n in um_per_px_by_file or {}}
   for name, entry in data.items():
-    det = _parse_image(entry, f"{path}, {name!r}", other_names)
+    det = _parse_image(entry, f"{path}, {name!r}", other_names, no_probability)
     if um_per_px_by_file is None:
       out[name] = det
     elif name in um_per_px_by_file:
@@ -136,8 +140,17 @@ def read_predictions(
               f"{size[1] * um_per_px_by_file[name] / 1000:.3f} mm); coordinates must be "
               "in mm, not pixels (mm = px * µm/px / 1000)")
       out[name] = Detections(px, det.scores)
+    elif name.lower() in known_lower:
+      raise PredictionError(
+          f"{path}: image {name!r} is not in the annotations, but {known_lower[name.lower()]!r} "
+          "is; file names are case-sensitive: rename the keys to the annotations' file names")
     else:
       unknown.append(name)
+  if no_probability[0]:
+    logging.warning("%s: %d point(s) without a 'probability' count as %g, the reference "
+                    "scorer's value, which a threshold of %g or above (strict) drops; write each "
+                    "point's probability, or score with a lower --threshold", path,
+                    no_probability[0], DEFAULT_PROBABILITY, DEFAULT_PROBABILITY)
   if other_names:
     logging.warning("%s: left out %d point(s) not named %r: %s", path,
                     sum(other_names.values()), MITOTIC_FIGURE,

@@ -309,7 +309,7 @@ def plot_matrix(mats: Mapping, matrix: str, metric: str, path: str,
     fig.text(0.01, 0.01, f"{INCOMPLETE} fewer folds than requested; "
              "mean over the folds present (see the CSV).", fontsize=8)
   fig.tight_layout(rect=(0, 0.03 if incomplete else 0, 1, 1))
-  fig.savefig(path, dpi=110)
+  atomic.write_figure(path, fig, dpi=110)
   plt.close(fig)
   return path
 

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from midog_jax import atomic  # noqa: E402
 from midog_jax.detection import predictions  # noqa: E402
 from midog_jax.evaluation import metrics  # noqa: E402
 
@@ -54,7 +55,7 @@ def write_overlay(path: str | os.PathLike[str], image: np.ndarray, det_xy: np.nd
     legend = f"TP (green) {len(tp)}  FP (red) {len(fp)}  missed (cyan) {len(fn)}"
   fig.text(0.01, 1 - 0.3 / (h / 100 + 0.4), f"{title}   score > {threshold:.2f}   {legend}",
            fontsize=9, va="center")
-  fig.savefig(path)
+  atomic.write_figure(path, fig)
   plt.close(fig)
 
 
@@ -62,15 +63,13 @@ def write_case_overlays(folder: str, rois: Iterable[tuple[Any, np.ndarray]],
                         predictions_path: str, threshold: float) -> list[str]:
   """One overlay PNG per (case, image) of `rois` with its detections in a MIDOG
   prediction file and its ground truth; returns the paths written."""
-  rois = list(rois)
   os.makedirs(folder, exist_ok=True)
-  found = predictions.read_predictions(predictions_path,
-                                       {c.file_name: c.um_per_px for c, _ in rois})
+  found = predictions.read_predictions(predictions_path)  # In mm: every image of the file.
   paths = []
   for case, image in rois:
     path = os.path.join(folder, os.path.splitext(case.file_name)[0] + ".png")
     d = found[case.file_name]
-    write_overlay(path, image, d.xy, case.mitotic_figures, case.um_per_px,
-                  title=case.file_name, scores=d.scores, threshold=threshold)
+    write_overlay(path, image, predictions.mm_to_px(d.xy, case.um_per_px), case.mitotic_figures,
+                  case.um_per_px, title=case.file_name, scores=d.scores, threshold=threshold)
     paths.append(path)
   return paths

@@ -22,6 +22,7 @@ from midog_jax.detection import detector as detector_lib
 from midog_jax.detection import predictions
 from midog_jax.evaluation import domain_matrix
 from midog_jax.evaluation import metrics
+from midog_jax.training import checkpoints
 
 
 def finished_runs(root: str) -> Iterator[str]:
@@ -74,26 +75,50 @@ def _stamp(run, cases) -> dict:
           "cases": [[x.file_name, x.record.shard, x.record.offset] for x in cases]}
 
 
-def evaluate_run(workdir: str, rois: roi_store.RoiCache, train_cases, test_cases) -> dict:
-  """Writes and returns `workdir/evaluation.json` for one finished run.
+# Which checkpoint of a run `eval --runs` scores: the one model selection kept
+# (the paper's protocol), or the last epoch's, to see what selection did.
+CHECKPOINTS = ("best", "last")
+
+
+def _suffix(checkpoint: str) -> str:
+  """File-name suffix of a checkpoint choice's outputs ("" for the best)."""
+  return "" if checkpoint == "best" else f".{checkpoint}"
+
+
+def evaluate_run(workdir: str, rois: roi_store.RoiCache, train_cases, test_cases,
+                 checkpoint: str = "best") -> dict:
+  """Writes and returns `workdir/evaluation.json` (`evaluation.last.json`) for one finished run.
 
   `train_cases` and `test_cases` are the dataset's splits (`dataset.read_cases`),
-  read once for all runs: each read is a pass over every record.
+  read once for all runs: each read is a pass over every record. `checkpoint`
+  is one of CHECKPOINTS.
   """
-  run = detector_lib.load_run(workdir)
+  if checkpoint not in CHECKPOINTS:
+    raise ValueError(f"checkpoint {checkpoint!r}: expected one of {CHECKPOINTS}")
+  if checkpoint == "last":
+    ckpt = checkpoints.RunCheckpoints(workdir, read_only=True)
+    step = ckpt.latest_step()
+    run = detector_lib.load_run(checkpoint=os.path.join(ckpt.directory, str(step)))
+  else:
+    run = detector_lib.load_run(workdir)
   with open(os.path.join(workdir, "cases.json"), encoding="utf-8") as f:
     meta = json.load(f)
   valid_cases = dataset.select_cases(train_cases, file_names=meta["valid"])
   # One detector (one compilation) for both splits, and none when both are cached.
   make_detector = functools.cache(lambda: detector_lib.Detector(run))
-  valid = _detections(run, valid_cases, rois, "valid", make_detector)
+  suffix = _suffix(checkpoint)
+  valid = _detections(run, valid_cases, rois, f"valid{suffix}", make_detector)
   threshold, valid_f1 = metrics.choose_threshold(_scored(valid_cases, valid))
-  test = _detections(run, test_cases, rois, "test", make_detector)
+  test = _detections(run, test_cases, rois, f"test{suffix}", make_detector)
   report = metrics.summarize(_scored(test_cases, test), [c.tumor for c in test_cases],
                              threshold, [c.file_name for c in test_cases])
-  result = {"experiment": meta["experiment"], "fold": meta["fold"], "checkpoint_step": run.step,
-            "threshold": threshold, "valid_f1": valid_f1, "test": report}
-  atomic.write_json(os.path.join(workdir, "evaluation.json"), metrics.json_safe(result))
+  result = {"experiment": meta["experiment"], "fold": meta["fold"], "checkpoint": checkpoint,
+            "checkpoint_step": run.step, "threshold": threshold, "valid_f1": valid_f1,
+            "test": report}
+  summary = atomic.read_json(os.path.join(workdir, "summary.json"))
+  if summary.get("selection_warning"):
+    result["selection_warning"] = summary["selection_warning"]
+  atomic.write_json(os.path.join(workdir, f"evaluation{suffix}.json"), metrics.json_safe(result))
   return result
 
 
@@ -108,8 +133,9 @@ def headline(evaluation: dict) -> dict:
 
 def evaluate_all(root: str, out_dir: str, data_dir: str | None = None,
                  compare_paper: bool = False, folds=domain_matrix.DEFAULT_FOLDS,
-                 cache_bytes: int = 16 << 30) -> list[str]:
-  """Evaluates every finished run under `root` and writes the domain matrices."""
+                 cache_bytes: int = 16 << 30, checkpoint: str = "best") -> list[str]:
+  """Evaluates every finished run under `root` (its `checkpoint`, one of
+  CHECKPOINTS) and writes the domain matrices."""
   runs = list(finished_runs(root))
   if not runs:
     raise FileNotFoundError(f"{root}: no finished run (a folder with summary.json and cases.json)")
@@ -128,8 +154,10 @@ def evaluate_all(root: str, out_dir: str, data_dir: str | None = None,
   bar = console.Progress(len(runs), "eval", "run", interval=10.0)
   for workdir in runs:
     bar.set_postfix(os.path.relpath(workdir, root))
-    ev = evaluate_run(workdir, rois, train_cases, test_cases)
+    ev = evaluate_run(workdir, rois, train_cases, test_cases, checkpoint)
     bar.update(1)
+    if checkpoint == "best" and ev.get("selection_warning"):
+      bar.write(f"warning: {os.path.relpath(workdir, root)}: {ev['selection_warning']}")
     evaluations.append({"workdir": os.path.relpath(workdir, root), **metrics.json_safe(ev)})
     per_tumor = {t: {k: m[k] for k in ("f1", "ap", "tp", "fp", "fn")}
                  for t, m in ev["test"]["tumor_types"].items()}

@@ -5,7 +5,8 @@
   inputs         what a run reads: cases, folds, normalisation, inputs, selection metric
   selection      the SELECTION_METRICS table (`config.eval.selection`): reference, roi_ap
   optim          AdamW on fastai's one-cycle schedules, discriminative layer groups
-  checkpoints    Orbax checkpoints: latest and best step of a run
+  checkpoints    Orbax checkpoints: latest and best step of a run, damaged steps set aside
+  orbax_errors   Orbax failures in one line: reason, remedy, the noise held back
   workdir        a run's lock and recorded configuration
   metric_writer  per-epoch metrics: JSON lines and TensorBoard
   launcher       the paper's experiment plans, trained as processes

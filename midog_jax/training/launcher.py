@@ -17,11 +17,11 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from typing import IO
 
+from midog_jax import console
 from midog_jax import domains
 from midog_jax.training import workdir as workdir_lib
 
@@ -155,19 +155,6 @@ def _start(args: Launch, run: str, spec: str, slot: int, claim) -> _Running:
   return _Running(run, proc, claim, time.time(), log)
 
 
-def _stop_on_sigterm():
-  """SIGTERM (a scheduler's time limit) stops the launcher as Ctrl-C does;
-  returns the handler to restore. Only the main thread can set handlers."""
-  if threading.current_thread() is not threading.main_thread():
-    return None
-
-  def handler(signum, frame):
-    del signum, frame
-    raise KeyboardInterrupt
-
-  return signal.signal(signal.SIGTERM, handler)
-
-
 def run_plan(args: Launch, plan: str, folds: Sequence[int], part: str | None = None) -> int:
   """Trains the runs of `plan` (of its `part` "i/n" if given); the exit code."""
   if args.parallel < 1:
@@ -186,53 +173,50 @@ def run_plan(args: Launch, plan: str, folds: Sequence[int], part: str | None = N
     out.update({r.run: "running" for r in running.values()})
     return out
 
-  previous = _stop_on_sigterm()
-  try:
-    while pending or running:
-      changed = False
-      while pending and len(running) < args.parallel and not failed:
-        run, spec = pending.pop(0)
-        if run_status(path[run]) == "done":
-          continue
-        claim = workdir_lib.claim(path[run])
-        if claim is None:  # Another launcher's, or trained by hand.
-          elsewhere.add(run)
-          continue
-        if run_status(path[run]) == "done":  # Finished since the first look.
-          claim.release()
-          continue
-        slot = min(set(range(args.parallel)) - set(running))
-        running[slot] = _start(args, run, spec, slot, claim)
-        changed = True
-      if changed:
-        print(_table(names, states(), durations, args.parallel), flush=True)
-      if not running:
-        break
-      for slot, r in list(running.items()):
-        code = r.proc.poll()
-        if code is None:
-          continue
-        del running[slot]
+  with console.sigterm_as_interrupt():
+    try:
+      while pending or running:
+        changed = False
+        while pending and len(running) < args.parallel and not failed:
+          run, spec = pending.pop(0)
+          if run_status(path[run]) == "done":
+            continue
+          claim = workdir_lib.claim(path[run])
+          if claim is None:  # Another launcher's, or trained by hand.
+            elsewhere.add(run)
+            continue
+          if run_status(path[run]) == "done":  # Finished since the first look.
+            claim.release()
+            continue
+          slot = min(set(range(args.parallel)) - set(running))
+          running[slot] = _start(args, run, spec, slot, claim)
+          changed = True
+        if changed:
+          print(_table(names, states(), durations, args.parallel), flush=True)
+        if not running:
+          break
+        for slot, r in list(running.items()):
+          code = r.proc.poll()
+          if code is None:
+            continue
+          del running[slot]
+          r.claim.release()
+          if r.log is not None:
+            r.log.close()
+          if code != 0 or run_status(path[r.run]) != "done":
+            print(f"error: {r.run} stopped (exit code {code}); see {path[r.run]}",
+                  file=sys.stderr, flush=True)
+            failed = failed or code or 1  # Runs in progress finish; no new ones start.
+          else:
+            durations.append(time.time() - r.start)
+        time.sleep(0.2)
+    except KeyboardInterrupt:  # The runs save their checkpoints on SIGINT too.
+      for r in running.values():
+        r.proc.send_signal(signal.SIGINT)
+      for r in running.values():
+        r.proc.wait()
         r.claim.release()
-        if r.log is not None:
-          r.log.close()
-        if code != 0 or run_status(path[r.run]) != "done":
-          print(f"error: {r.run} stopped (exit code {code}); see {path[r.run]}",
-                file=sys.stderr, flush=True)
-          failed = failed or code or 1  # Runs in progress finish; no new ones start.
-        else:
-          durations.append(time.time() - r.start)
-      time.sleep(0.2)
-  except KeyboardInterrupt:  # The runs save their checkpoints on SIGINT too.
-    for r in running.values():
-      r.proc.send_signal(signal.SIGINT)
-    for r in running.values():
-      r.proc.wait()
-      r.claim.release()
-    print("interrupted; run the same command again to resume", file=sys.stderr)
-    return 130
-  finally:
-    if previous is not None:
-      signal.signal(signal.SIGTERM, previous)
+      print("interrupted; run the same command again to resume", file=sys.stderr)
+      return 130
   print(_table(names, states(), durations, args.parallel), flush=True)
   return failed

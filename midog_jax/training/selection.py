@@ -152,8 +152,22 @@ class Context:
   max_objects: int  # Objects per crop the input pipeline pads to.
 
 
-# (graphdef, train state, epoch) -> the metric; higher is better.
-Metric = Callable[[Any, Any, int], float]
+class Measured(NamedTuple):
+  """A selection metric's value on one epoch, and the mitotic figures behind it."""
+  value: float  # Higher is better.
+  figures: int | None = None  # Mitotic figures in what the metric looked at.
+  # Of those, the ones the value counts: the reference skips a patch without
+  # a detection above 0.3 together with its figures.
+  counted: int | None = None
+
+
+def measured(result: Measured | float) -> Measured:
+  """A metric's result as `Measured` (a metric may return a bare float)."""
+  return result if isinstance(result, Measured) else Measured(float(result))
+
+
+# (graphdef, train state, epoch) -> the metric (a float or `Measured`); higher is better.
+Metric = Callable[[Any, Any, int], "Measured | float"]
 
 
 _SELECTION_STREAM = 2  # Seeds the selection patches apart from training's.
@@ -177,12 +191,12 @@ def reference_ap(context: Context) -> Metric:
   margin = augment.margin(config.patch_size)
   fns = {}
 
-  def selection_ap(graphdef, state, epoch: int = 0) -> float:
+  def selection_ap(graphdef, state, epoch: int = 0) -> Measured:
     if "fn" not in fns:
       fns["fn"] = steps.make_patch_detector(graphdef, config, context.normalization,
                                               pipe.mesh)
     per_epoch = pipe.steps_per_epoch
-    entries = []
+    entries, figures = [], 0
     for host in pipe.host_batches(epoch * per_epoch, epochs=epoch + 1):
       boxes, scores = fns["fn"](state, pipe.to_global(host))
       boxes, scores = _all_hosts(boxes), _all_hosts(scores)
@@ -190,8 +204,10 @@ def reference_ap(context: Context) -> Metric:
       for b in range(len(scores)):
         mitotic = valid[b] & (labels[b] == annotations.MITOTIC_FIGURE)
         gt = ground_truth_boxes(centers[b][mitotic] - margin, config.patch_size)
+        figures += len(gt)
         entries.append(patch_entry(boxes[b], scores[b], gt))
-    return voc_ap(entries)
+    counted = sum(len(e.gt) for e in entries if e is not None)
+    return Measured(voc_ap(entries), figures, counted)
 
   return selection_ap
 
@@ -215,7 +231,7 @@ def roi_ap(context: Context) -> Metric:
   batch = max(local_mesh.size, config.eval.batch_size // local_mesh.size * local_mesh.size)
   detectors = {}
 
-  def validation_ap(graphdef, state, epoch: int = 0) -> float:
+  def validation_ap(graphdef, state, epoch: int = 0) -> Measured:
     del epoch  # The same full ROIs every epoch.
     if "fn" not in detectors:
       detectors["fn"] = sliding_window.make_detector(
@@ -229,7 +245,8 @@ def roi_ap(context: Context) -> Metric:
           min_overlap=config.eval.window_min_overlap, progress=False)
       scored.append(metrics.ScoredCase(c.mitotic_figures, xy, scores, c.um_per_px))
     ap = metrics.average_precision(scored)
-    return 0.0 if np.isnan(ap) else ap
+    figures = sum(len(c.mitotic_figures) for c in cases)
+    return Measured(0.0 if np.isnan(ap) else ap, figures, figures)
 
   return validation_ap
 
@@ -252,3 +269,39 @@ def make_metric(name: str, context: Context) -> Metric:
   """The selection metric `name` for a run."""
   check_name(name)
   return SELECTION_METRICS[name](context)
+
+
+# Fewer counted figures than this and one hit more or less moves the AP by
+# over 3 points: too few to choose a model by. The paper's 250 validation
+# patches of 512 px per epoch, half centred on a figure, count well over
+# 100; 16 patches of 128 px counted 1 to 9 on real breast carcinoma.
+MIN_COUNTED_FIGURES = 30
+_SATURATED = 1.0 - 1e-9
+
+
+def check_choice(history: Sequence[dict], best_step: int | None, name: str) -> str | None:
+  """A warning when the chosen epoch says little, else None.
+
+  `history` holds the epochs' metrics rows (`valid_ap`, and `valid_figures_counted`
+  where the metric reports it). Two failures are caught: a saturated tie (the
+  best value 1.0 reached by several epochs, so the earliest is kept whatever
+  it detects), and a value computed from fewer than MIN_COUNTED_FIGURES figures.
+  """
+  scored = [r for r in history if r.get("valid_ap") is not None]
+  chosen = next((r for r in scored if r["step"] == best_step), None)
+  if chosen is None:
+    return None
+  remedy = ("raise valid_patches_per_epoch (the paper: 250 patches of 512 px) or select with "
+            "--config.eval.selection=roi_ap; `python -m midog_jax.eval --runs ... --checkpoint "
+            "last` scores the last epoch to compare")
+  tied = [r["epoch"] for r in scored if r["valid_ap"] >= _SATURATED]
+  if chosen["valid_ap"] >= _SATURATED and len(tied) > 1:
+    return (f"model selection ({name}) is saturated: validation AP 1.000 at epochs "
+            f"{', '.join(map(str, tied))}, so epoch {chosen['epoch']} was kept as the earliest, "
+            f"whatever it detects; {remedy}")
+  counted = chosen.get("valid_figures_counted")
+  if counted is not None and counted < MIN_COUNTED_FIGURES:
+    return (f"model selection ({name}) chose epoch {chosen['epoch']} by an AP over "
+            f"{counted} mitotic figure(s) (of {chosen.get('valid_figures')} in its validation "
+            f"patches), fewer than {MIN_COUNTED_FIGURES}; {remedy}")
+  return None

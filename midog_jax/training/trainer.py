@@ -30,6 +30,7 @@ from midog_jax.training import checkpoints
 from midog_jax.training import inputs
 from midog_jax.training import metric_writer
 from midog_jax.training import optim
+from midog_jax.training import selection
 from midog_jax.training import steps
 from midog_jax.training import workdir as workdir_lib
 
@@ -89,7 +90,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: inputs.RunData,
           mesh=None) -> TrainResult:
   """Trains (or resumes) the run in `workdir`, holding its lock meanwhile."""
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.make(workdir)
   lead = jax.process_index() == 0
   lock = workdir_lib.Lock(workdir).acquire() if lead else None
   try:
@@ -139,6 +140,9 @@ def _train(config, workdir: str, data: inputs.RunData, mesh, lead: bool) -> Trai
     raise workdir_lib.WorkdirMismatch(
         f"{workdir}: its checkpoint does not fit this configuration ({str(e)[:200]}); "
         "use a new --workdir") from e
+  except BaseException:  # E.g. every step damaged: said by RunCheckpoints in one line.
+    ckpt.close()
+    raise
   if lead:
     workdir_lib.record(workdir, run_files)
   step, best_ap, partial = 0, None, {}
@@ -195,7 +199,11 @@ def _train(config, workdir: str, data: inputs.RunData, mesh, lead: bool) -> Trai
           record["valid_loss"] = val.get("loss")
           if data.validation_ap is not None and (
               epoch % config.eval.every_epochs == 0 or step == total_steps):
-            record["valid_ap"] = float(data.validation_ap(graphdef, state, epoch))
+            measured = selection.measured(data.validation_ap(graphdef, state, epoch))
+            record["valid_ap"] = measured.value
+            if measured.figures is not None:
+              record.update(valid_figures=measured.figures,
+                            valid_figures_counted=measured.counted)
           if record.get("valid_ap") is not None and (best_ap is None or record["valid_ap"] > best_ap):
             best_ap = record["valid_ap"]
           # The row first, then the commit: a kill between them leaves a row
@@ -257,6 +265,12 @@ def _summary(workdir: str, write: bool = False) -> dict[str, Any]:
       "best_step": best,
       "train_seconds": float(sum(r.get("epoch_seconds", 0) for r in history)),
   }
+  name = atomic.read_json(os.path.join(workdir, "config.json"))["eval"]["selection"]
+  note = selection.check_choice(history, best, name)
+  if note:
+    summary["selection_warning"] = note
   if write:
     atomic.write_json(path, summary)
+    if note:
+      logging.warning("%s: %s", workdir, note)
   return summary

@@ -12,6 +12,7 @@ under it, so that other launchers pass that run by.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -42,6 +43,26 @@ class WorkdirMismatch(ValueError):
   """The workdir holds a run of another configuration."""
 
 
+class WorkdirNotWritable(PermissionError):
+  """The workdir cannot be created or written."""
+
+
+def make(workdir: str) -> None:
+  """Creates `workdir` (and its parents), or says in one line why it cannot be written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if not os.access(workdir, os.W_OK):
+      raise PermissionError(errno.EACCES, "no write permission")
+  except PermissionError as e:
+    raise WorkdirNotWritable(f"{workdir}: the workdir is not writable ({e.strerror}); fix its "
+                             "permissions or pass another --workdir") from None
+  except OSError as e:
+    if e.errno != errno.EROFS:
+      raise
+    raise WorkdirNotWritable(f"{workdir}: the workdir is on a read-only file system; pass "
+                             "another --workdir") from None
+
+
 class Lock:
   """An exclusive lock on `workdir/<name>`, held until `release` or exit."""
 
@@ -50,7 +71,14 @@ class Lock:
     self._file = None
 
   def acquire(self) -> "Lock":
-    f = open(self.path, "a+", encoding="utf-8")
+    try:
+      f = open(self.path, "a+", encoding="utf-8")
+    except (PermissionError, OSError) as e:
+      if not isinstance(e, PermissionError) and e.errno != errno.EROFS:
+        raise
+      raise WorkdirNotWritable(f"{os.path.dirname(self.path)}: the workdir is not writable "
+                               f"({e.strerror}); fix its permissions or pass another "
+                               "--workdir") from None
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -110,6 +110,29 @@ def test_a_failing_run_prints_no_startup_noise(tmp_path):
     assert word not in proc.stderr, word
 
 
+def test_sigterm_during_start_up_is_one_line_and_exit_143(synthetic_data_dir, tmp_path):
+  """A scheduler's SIGTERM before the training loop: said in one line, nothing written."""
+  import signal
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "midog_jax.train", "--config", "configs/demo.py",
+       "--workdir", str(tmp_path / "w"), f"--config.data_dir={synthetic_data_dir}",
+       "--config.patch_size=64", "--config.model.body_weights=none"],
+      stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+  lines = []
+  for line in proc.stderr:  # The cases are read: start-up goes on (caches, model, compile).
+    lines.append(line)
+    if "training and" in line and "validation cases" in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  rest = proc.stderr.read()
+  assert proc.wait(timeout=300) == 143, "".join(lines) + rest
+  assert rest.strip().splitlines()[-1] == ("error: interrupted outside the training loop; nothing "
+                                           "was lost: run the same command again to resume")
+  assert "Traceback" not in rest
+  assert not (tmp_path / "w" / "checkpoints").exists() or not any(
+      p.name.isdigit() for p in (tmp_path / "w" / "checkpoints").iterdir())
+
+
 def test_detect_help_stderr_is_empty():
   proc = _run("-m", "midog_jax.detect", "--help")
   assert proc.returncode == 0 and proc.stderr == ""

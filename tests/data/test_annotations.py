@@ -111,6 +111,15 @@ def test_missing_and_invalid_files(tmp_path):
   j.write_text("{not json")
   with pytest.raises(annotations.AnnotationError, match="not valid JSON"):
     annotations.load_cases(j, c)
+  with pytest.raises(annotations.AnnotationError,
+                     match=f"{tmp_path} is a folder; pass the path of the file .*MIDOG\\+\\+.json"):
+    annotations.load_cases(tmp_path, c)
+  with pytest.raises(annotations.AnnotationError,
+                     match=f"{tmp_path} is a folder; .*datasets_xvalidation.csv"):
+    annotations.load_cases(j, tmp_path)
+  c.write_bytes(b"\xff\xfe\x00binary")
+  with pytest.raises(annotations.AnnotationError, match="not a text file"):
+    annotations.load_cases(j, c)
 
 
 @needs_real_files

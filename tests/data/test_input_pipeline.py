@@ -121,8 +121,10 @@ def test_normalization_from_tissue_statistics(train_cases):
 
 
 def test_bad_batch_size(data_dir, train_cases):
-  with pytest.raises(ValueError, match="does not divide"):
+  with pytest.raises(ValueError, match="does not divide.*a multiple of 4 \\(e.g. 4 or 8\\)"):
     _input(data_dir, train_cases, 4, global_batch_size=6)
+  with pytest.raises(ValueError, match="a multiple of 8 \\(e.g. 8 or 16\\), or use fewer devices"):
+    _input(data_dir, train_cases, 8, global_batch_size=12)
 
 
 def test_run_settings_are_checked_before_training(data_dir):

@@ -237,12 +237,39 @@ def test_mirrored_annotation_files_must_be_the_pinned_ones(tmp_path, monkeypatch
     monkeypatch.setenv(sources.ANNOTATIONS_URL_ENV, server.url + "repo/")
     builder = builder_lib.Builder(data_dir=str(tmp_path / "a"))
     dl = tfds.download.DownloadManager(download_dir=tmp_path / "a" / "dl", dataset_name="midogpp")
-    notes, splits = builder._annotation_files(dl, None)
+    notes, splits = builder._annotation_files(dl, None, "a folder given as --manual_dir")
     assert pathlib.Path(notes).read_bytes() == real[builder_lib.ANNOTATIONS_FILE]
     assert pathlib.Path(splits).read_bytes() == real[builder_lib.SPLITS_FILE]
     server.files["repo/datasets_xvalidation.csv"] = real[builder_lib.SPLITS_FILE][:-10]
     dl = tfds.download.DownloadManager(download_dir=tmp_path / "b" / "dl", dataset_name="midogpp")
     with pytest.raises(ValueError, match="datasets_xvalidation.csv differs from the pinned file"):
-      builder._annotation_files(dl, None)
+      builder._annotation_files(dl, None, "a folder given as --manual_dir")
   finally:
     server.shutdown()
+
+
+def test_a_mirror_answering_503_fails_within_the_attempts_and_leaves_no_temporaries(
+    mirror, tmp_path):
+  server, _, manual = mirror
+  server.faults[_path("006.tiff")] = ["503"] * 50
+  t = time.perf_counter()
+  with pytest.raises(sources.DownloadFailed, match=r"^006\.tiff from .*\(after 1 attempt\)"):
+    _build(manual, tmp_path / "data")
+  assert time.perf_counter() - t < 60
+  # MIDOGPP_DOWNLOAD_ATTEMPTS (3 here) bounds TFDS's own retries of 5xx answers.
+  assert server.requests[_path("006.tiff")] == 3
+  downloads = tmp_path / "data" / "downloads"
+  assert not [p for p in downloads.rglob("*") if ".tmp." in p.name]
+
+
+def test_an_empty_manual_folder_is_named_when_nothing_can_be_fetched(tmp_path, monkeypatch):
+  import socket
+  with socket.socket() as s:  # Nothing listens there: an unreachable mirror.
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  monkeypatch.setenv(sources.ANNOTATIONS_URL_ENV, f"http://127.0.0.1:{port}/")
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  with pytest.raises(Exception) as e:
+    _build(manual, tmp_path / "data")
+  assert f"put the files in the manual folder ({manual} (now empty))" in str(e.value)

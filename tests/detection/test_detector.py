@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import warnings
 
 import numpy as np
 import pytest
@@ -36,12 +37,14 @@ def test_load_run_takes_the_best_checkpoint(run_dir, monkeypatch):
     detector.load_run(str(run_dir / "nope"))
 
 
-def test_split_to_midog_json_geojson_and_overlays(run_dir, synthetic_data_dir, tmp_path, capsys):
+def test_split_to_midog_json_geojson_overlays_and_registered_formats(
+    run_dir, synthetic_data_dir, tmp_path, capsys, toy_formats):
   out = tmp_path / "pred.json"
   code = detect.main(["--workdir", str(run_dir), "--split", "test", "--data-dir",
                       synthetic_data_dir, "--out", str(out), "--geojson", str(tmp_path / "gj"),
                       "--overlay", str(tmp_path / "ov"), "--min-score", "0.01",
-                      "--threshold", "0.015"])
+                      "--threshold", "0.015", "--toy-counts", str(tmp_path / "counts.json"),
+                      "--toy-points", str(tmp_path / "points")])
   assert code == 0
   cases = dataset.read_cases(synthetic_data_dir, "test")
   raw = json.loads(out.read_text())
@@ -66,6 +69,15 @@ def test_split_to_midog_json_geojson_and_overlays(run_dir, synthetic_data_dir, t
   np.testing.assert_allclose(back[name].xy[above],
                              [f["geometry"]["coordinates"] for f in gj["features"]], atol=1e-6)
   assert "operating point 0.015 (--threshold)" in capsys.readouterr().out
+  # The toy formats of the output-format table (tests/detection/test_outputs.py).
+  counts = json.loads((tmp_path / "counts.json").read_text())
+  assert set(counts) == set(raw)
+  for name, points in raw.items():
+    assert counts[name][0] == sum(p["probability"] > 0.5 for p in points["points"])
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # An image without points is an empty file.
+      xy = np.loadtxt(tmp_path / "points" / name.replace(".tiff", ".txt"), ndmin=2)
+    assert len(xy) == sum(p["probability"] > 0.015 for p in points["points"])
 
 
 def test_operating_point_is_the_one_chosen_on_validation(tmp_path):
@@ -78,6 +90,11 @@ def test_operating_point_is_the_one_chosen_on_validation(tmp_path):
   assert detector.operating_point(run, 0.6) == (0.6, "--threshold")
   run.step = 44  # Evaluated on another checkpoint: not this one's.
   assert detector.operating_point(run, None)[0] == 0.5
+  # `eval --runs --checkpoint last` chose one for the last step: the overlay uses that one.
+  (tmp_path / "evaluation.last.json").write_text(json.dumps({"checkpoint_step": 44,
+                                                             "threshold": 0.53}))
+  value, source = detector.operating_point(run, None)
+  assert value == 0.53 and source.endswith("evaluation.last.json")
 
 
 def test_own_tiffs_rgba_and_greyscale(run_dir, tmp_path):
@@ -133,3 +150,24 @@ def test_split_valid_is_the_runs_own_fold(run_dir, synthetic_data_dir, tmp_path,
   assert all(p["probability"] > 0.3 for v in json.loads(out.read_text()).values()
              for p in v["points"])
   assert "(score > 0.3)" in capsys.readouterr().out
+
+
+def test_workdir_and_checkpoint_together_name_one_step(run_dir, synthetic_data_dir, tmp_path,
+                                                        capsys, monkeypatch):
+  latest = max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+  common = ["--split", "valid", "--data-dir", synthetic_data_dir, "--min-score", "0.3",
+            "--out", str(tmp_path / "p.json")]
+  assert detect.main(["--workdir", str(run_dir), "--checkpoint", str(latest), *common]) == 0
+  assert "keeps every detection above 0.3" in capsys.readouterr().out
+  called = []
+  monkeypatch.setattr(detect, "_detect", lambda args: called.append(args.checkpoint) or 0)
+  for checkpoint in (str(latest), str(run_dir / "checkpoints" / str(latest))):
+    assert detect.main(["--workdir", str(run_dir), "--checkpoint", checkpoint, *common]) == 0
+  assert called == [str(run_dir / "checkpoints" / str(latest))] * 2
+  with pytest.raises(SystemExit):
+    detect.main(["--workdir", str(run_dir), "--checkpoint", str(tmp_path / "checkpoints" / "3"),
+                 *common])
+  assert "is not a checkpoint of --workdir" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    detect.main(common)
+  assert "one of --workdir and --checkpoint is required" in capsys.readouterr().err

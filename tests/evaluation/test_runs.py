@@ -96,3 +96,31 @@ def test_predictions_are_cached_per_checkpoint(report, synthetic_data_dir, tmp_p
 def test_no_runs_is_a_clean_error(tmp_path, capsys):
   assert eval_lib.main(["--runs", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
   assert "no finished run" in capsys.readouterr().err
+
+
+def test_the_last_checkpoint_is_scored_beside_the_best(report, synthetic_data_dir, tmp_path):
+  runs_root, out = report
+  run_dir = runs_root / "all_domains" / "fold0"  # One run is enough here.
+  best_text = (run_dir / "evaluation.json").read_text()
+  code = eval_lib.main(["--runs", str(run_dir), "--out", str(tmp_path), "--checkpoint", "last",
+                        "--data-dir", synthetic_data_dir, "--folds", "0"])
+  assert code == 0
+  runs = json.loads((tmp_path / "runs.json").read_text())
+  assert [r["checkpoint"] for r in runs] == ["last"]
+  metrics_rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  last = json.loads((run_dir / "evaluation.last.json").read_text())
+  assert last["checkpoint_step"] == metrics_rows[-1]["step"]
+  best = json.loads(best_text)
+  assert best["checkpoint"] == "best"
+  assert (run_dir / "evaluation.json").read_text() == best_text  # The best's result stays.
+  assert (run_dir / "predictions" / "test.last.json").exists()
+
+
+def test_a_selection_on_too_few_figures_is_reported_by_eval(report, capsys):
+  """The tiny runs select by the reference's patch AP over 8 validation patches:
+  their summaries and evaluations carry the warning."""
+  runs_root, out = report
+  for r in json.loads((out / "runs.json").read_text()):
+    assert r["selection_warning"].startswith("model selection (reference) ")
+    summary = json.loads((runs_root / r["workdir"] / "summary.json").read_text())
+    assert summary["selection_warning"] == r["selection_warning"]

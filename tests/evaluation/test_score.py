@@ -184,3 +184,25 @@ def test_first_of_says_when_it_truncates():
   assert console.first_of(["a", "b"]) == "a, b"
   assert console.first_of(list("abcdef"), 5) == "a, b, c, d, e (first 5 of 6)"
   assert console.first_of(list("abcde"), 5) == "a, b, c, d, e"
+
+
+def test_points_without_probability_are_warned_and_names_differing_in_case_refused(
+    dataset, tmp_path, capsys, caplog):
+  out, cases = dataset
+  c = cases[0]
+  x, y = (v * c.um_per_px / 1000 for v in (c.width / 2, c.height / 2))
+  preds = tmp_path / "p.json"
+  preds.write_text(json.dumps({c.file_name: {"points": [
+      {"name": "mitotic figure", "point": [x, y, 0]},
+      {"name": "mitotic figure", "point": [x, y, 0]},
+      {"name": "mitotic figure", "point": [x, y, 0], "probability": 0.9}]}}))
+  dets = predictions_lib.read_predictions(preds, {c.file_name: c.um_per_px})
+  np.testing.assert_array_equal(dets[c.file_name].scores, [0.5, 0.5, 0.9])  # The reference's.
+  warned = [r.getMessage() for r in caplog.records if "without a 'probability'" in r.getMessage()]
+  assert len(warned) == 1 and "2 point(s)" in warned[0] and "--threshold" in warned[0]
+
+  upper = c.file_name.replace(".tiff", ".TIFF")
+  preds.write_text(json.dumps({upper: {"points": []}}))
+  assert eval_lib.main(_args(out, str(preds))) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"{upper!r} is not in the annotations, but {c.file_name!r} is" in err[0]

@@ -44,6 +44,8 @@ def _args(data_dir, workdir):
           "--config.batch_size=4", "--config.train_patches_per_epoch=16",
           "--config.valid_patches_per_epoch=8", "--config.num_epochs=4",
           "--config.eval.every_epochs=1", "--config.eval.batch_size=8",
+          # The cheaper selection metric: what is checked is the resume, not the metric.
+          "--config.eval.selection=reference",
           "--config.log_every_steps=3", "--config.prefetch=0"]
 
 

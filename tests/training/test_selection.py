@@ -73,39 +73,130 @@ def test_hand_computed_curve_and_no_fallback_to_the_next_box():
   assert S.voc_ap([d1, d2]) == pytest.approx(1 / 3 * 1 + 1 / 3 * 0.5)
 
 
+def _reference_by_transcription(patches, patch_size):
+  """The reference's selection AP, transcribed from its two sources without this
+  module: MIDOGpp's `PascalVOCMetricByDistance` (per patch: scores > 0.3, a
+  patch without one skipped with its ground truth, suppression by top-left
+  corner within 25 px in descending score, later box first on ties, at most
+  3 x ground truth kept; ground truth the figures strictly inside, 50 px boxes
+  clipped) and object_detection_fastai's `Evaluator.GetPascalVOCMetrics`
+  (Padilla's: detections sorted by confidence, each matched to the best-IoU
+  box of its image, IoU with +1 pixel areas, >= 0.3 and unused, else a false
+  positive; every-point interpolation).
+
+  `patches` holds (boxes [[x1, y1, x2, y2], ...], scores, centres [[x, y], ...]).
+  """
+  import sys
+  detections, ground_truths = [], {}
+  for image, (boxes, scores, centres) in enumerate(patches):
+    gts = []
+    for cx, cy in centres:
+      if 0 < cx < patch_size and 0 < cy < patch_size:
+        gts.append([max(0.0, cx - 25), max(0.0, cy - 25), min(patch_size, cx + 25),
+                    min(patch_size, cy + 25)])
+    candidates = [(float(sc), i) for i, sc in enumerate(scores) if sc > 0.3]
+    if not candidates:
+      continue
+    ground_truths[image] = gts
+    candidates.sort(key=lambda t: (t[0], t[1]), reverse=True)  # Later box first on ties.
+    kept = []
+    while candidates:
+      score, i = candidates.pop(0)
+      kept.append((score, i))
+      x, y = boxes[i][0], boxes[i][1]
+      candidates = [(sc, j) for sc, j in candidates
+                    if ((boxes[j][0] - x) ** 2 + (boxes[j][1] - y) ** 2) ** 0.5 > 25]
+    for score, i in kept[:3 * len(gts)]:
+      detections.append((image, score, list(boxes[i])))
+
+  def intersect(a, b):
+    return not (a[0] > b[2] or b[0] > a[2] or a[3] < b[1] or a[1] > b[3])
+
+  def iou(a, b):
+    if not intersect(a, b):
+      return 0.0
+    inter = (min(a[2], b[2]) - max(a[0], b[0]) + 1) * (min(a[3], b[3]) - max(a[1], b[1]) + 1)
+    union = ((a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
+             - inter)
+    return inter / union
+
+  npos = sum(len(g) for g in ground_truths.values())
+  if npos == 0 or not detections:
+    return 0.0
+  detections = sorted(detections, key=lambda d: d[1], reverse=True)
+  used = {k: [0] * len(g) for k, g in ground_truths.items()}
+  tp, fp = [0] * len(detections), [0] * len(detections)
+  for d, (image, _, box) in enumerate(detections):
+    iou_max, j_max = sys.float_info.min, None
+    for j, g in enumerate(ground_truths[image]):
+      value = iou(box, g)
+      if value > iou_max:
+        iou_max, j_max = value, j
+    if iou_max >= 0.3 and used[image][j_max] == 0:
+      tp[d], used[image][j_max] = 1, 1
+    else:
+      fp[d] = 1
+  acc_tp, acc_fp, rec, prec = 0, 0, [], []
+  for t, f in zip(tp, fp):
+    acc_tp, acc_fp = acc_tp + t, acc_fp + f
+    rec.append(acc_tp / npos)
+    prec.append(acc_tp / (acc_tp + acc_fp))
+  mrec, mpre = [0.0] + rec + [1.0], [0.0] + prec + [0.0]
+  for i in range(len(mpre) - 1, 0, -1):
+    mpre[i - 1] = max(mpre[i - 1], mpre[i])
+  return sum((mrec[i] - mrec[i - 1]) * mpre[i] for i in range(1, len(mrec))
+             if mrec[i] != mrec[i - 1])
+
+
 def test_matches_an_independent_transcription_on_random_patches():
   rng = np.random.default_rng(0)
-
-  def reference(entries):  # Written from the description, differently.
-    dets = sorted(((s, k, b) for k, e in enumerate(entries) for b, s in zip(e.boxes, e.scores)),
-                  key=lambda d: -d[0])
-    n = sum(len(e.gt) for e in entries)
-    used, flags = set(), []
-    for s, k, b in dets:
-      ious = [S.iou_plus_one(b, g) for g in entries[k].gt]
-      j = int(np.argmax(ious)) if ious and max(ious) > 0 else None
-      ok = j is not None and ious[j] >= 0.3 and (k, j) not in used
-      if ok:
-        used.add((k, j))
-      flags.append(ok)
-    tp = np.cumsum(flags)
-    recall = tp / n
-    precision = tp / np.arange(1, len(flags) + 1)
-    ap, prev = 0.0, 0.0
-    for i, r in enumerate(recall):
-      if r > prev:
-        ap += (r - prev) * precision[i:].max()
-        prev = r
-    return ap
-
-  for _ in range(20):
-    entries = []
+  size = 512
+  checked = 0
+  for _ in range(40):
+    patches = []
     for _ in range(rng.integers(1, 6)):
-      gt = S.ground_truth_boxes(rng.uniform(0, 512, (rng.integers(0, 5), 2)), 512)
-      near = gt[rng.integers(0, len(gt), 4)] + rng.normal(0, 12, (4, 4)) if len(gt) else np.zeros((0, 4))
+      centres = rng.uniform(-20, size + 20, (rng.integers(0, 5), 2))
+      picked = centres[rng.integers(0, len(centres), 4)] if len(centres) else np.zeros((0, 2))
+      near = np.concatenate([picked - 25, picked + 25], 1) + rng.normal(0, 12, (len(picked), 4))
       boxes = np.concatenate([near, [_box(*rng.uniform(0, 460, 2)) for _ in range(3)]])
-      e = S.patch_entry(boxes, rng.uniform(0, 1, len(boxes)).round(2), gt)
-      if e is not None:
-        entries.append(e)
-    if sum(len(e.gt) for e in entries):
-      assert S.voc_ap(entries) == pytest.approx(reference(entries))
+      scores = rng.uniform(0, 1, len(boxes)).round(1)  # Ties on purpose.
+      patches.append((boxes.tolist(), scores.tolist(), centres.tolist()))
+    ours = S.voc_ap([S.patch_entry(np.asarray(b), np.asarray(s), S.ground_truth_boxes(
+        np.asarray(c).reshape(-1, 2), size)) for b, s, c in patches])
+    assert ours == pytest.approx(_reference_by_transcription(patches, size))
+    checked += ours > 0
+  assert checked > 10  # Most draws have matches: the comparison is not of zeros.
+
+
+def _rows(values, counted=None):
+  return [{"epoch": e + 1, "step": 10 * (e + 1), "valid_ap": v,
+           **({} if counted is None else {"valid_figures": 2 * counted[e],
+                                          "valid_figures_counted": counted[e]})}
+          for e, v in enumerate(values)]
+
+
+def test_a_saturated_tie_is_named_with_its_epochs_and_the_remedy():
+  rows = _rows([0.4, 1.0, 0.9, 1.0, 1.0], counted=[50] * 5)
+  note = S.check_choice(rows, best_step=20, name="reference")
+  assert "saturated" in note and "epochs 2, 4, 5" in note and "epoch 2 was kept" in note
+  assert "valid_patches_per_epoch" in note and "eval.selection=roi_ap" in note
+  assert "--checkpoint last" in note and "\n" not in note
+  # One epoch at 1.0 is no tie; a clear best over enough figures says nothing.
+  assert S.check_choice(_rows([0.4, 1.0, 0.9], counted=[50] * 3), 20, "reference") is None
+  assert S.check_choice(_rows([0.4, 0.8, 0.9], counted=[50] * 3), 30, "reference") is None
+
+
+def test_too_few_counted_figures_are_named():
+  rows = _rows([0.2, 0.7, 0.5], counted=[40, 3, 40])
+  note = S.check_choice(rows, best_step=20, name="reference")
+  assert f"over 3 mitotic figure(s) (of 6 in its validation patches), fewer than " \
+         f"{S.MIN_COUNTED_FIGURES}" in note
+  assert S.check_choice(_rows([0.2, 0.7], counted=[40, S.MIN_COUNTED_FIGURES]), 20, "x") is None
+  # Without counts (a metric that reports none) only saturation can be judged.
+  assert S.check_choice(_rows([0.2, 0.7]), 20, "toy") is None
+  assert S.check_choice(_rows([0.2, 0.7]), None, "toy") is None
+
+
+def test_measured_takes_floats_and_results():
+  assert S.measured(0.25) == S.Measured(0.25, None, None)
+  assert S.measured(S.Measured(0.5, 10, 4)).counted == 4

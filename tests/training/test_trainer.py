@@ -88,7 +88,8 @@ def test_demo_config_learns(data_dir, tmp_path):
   data = inputs.build(config, mesh)
   model = model_lib.build_model(model_lib.RetinaNetConfig.from_config(config), seed=config.seed)
   graphdef, state = steps.init_train_state(model, optax.identity())
-  untrained = data.validation_ap(graphdef, sharding.replicate(state, mesh))
+  untrained = selection.measured(
+      data.validation_ap(graphdef, sharding.replicate(state, mesh))).value
   summary = trainer.train(config, str(tmp_path), data, mesh).summary
   assert summary["status"] == "finished"
   assert summary["final"]["valid_ap"] > untrained + 0.1
@@ -126,23 +127,46 @@ def test_targets_are_figures_centred_in_the_patch_unless_asked(margin_targets):
   np.testing.assert_allclose(boxes[0, 1], [5, 5, 55, 55])
 
 
-def test_a_registered_selection_metric_picks_the_best_epoch(data_dir, tmp_path, monkeypatch):
+def test_a_registered_selection_metric_decides_and_too_few_figures_warn(data_dir, tmp_path,
+                                                                         monkeypatch, caplog):
   """The seam: an entry of SELECTION_METRICS named by eval.selection decides the
-  checkpoint detection uses. The toy metric peaks at epoch 2 of 3."""
+  checkpoint detection uses. The toy metric peaks at epoch 2 of 3 and reports
+  the figures the reference's patch AP saw on a tiny validation epoch, the
+  failure seen on real data: the user-facing route must say so in one line."""
+  from midog_jax import train
   seen = {}
 
   def toy(context):
     seen["valid"] = sorted(c.file_name for c in context.cases)
-    return lambda graphdef, state, epoch: -float((epoch - 2) ** 2)
+    reference = selection.reference_ap(context)
+
+    def metric(graphdef, state, epoch):
+      measured = reference(graphdef, state, epoch)
+      return selection.Measured(-float((epoch - 2) ** 2), measured.figures, measured.counted)
+    return metric
 
   monkeypatch.setitem(selection.SELECTION_METRICS, "toy", toy)
-  config = tiny_config(data_dir, num_epochs=3, **{"eval.every_epochs": 1, "eval.selection": "toy"})
+  config = tiny_config(data_dir, num_epochs=3, valid_patches_per_epoch=8,
+                       **{"eval.every_epochs": 1, "eval.selection": "toy"})
   mesh = _one_device()
   data = inputs.build(config, mesh)
-  summary = trainer.train(config, str(tmp_path), data, mesh).summary
+  with caplog.at_level("WARNING"):
+    summary = trainer.train(config, str(tmp_path), data, mesh).summary
   assert seen["valid"] == sorted(data.meta["valid"])
   per_epoch = data.train.steps_per_epoch
   assert summary["best_step"] == 2 * per_epoch and summary["best_valid_ap"] == 0.0
+
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  chosen = next(r for r in rows if r["step"] == summary["best_step"])
+  assert chosen["valid_figures_counted"] < selection.MIN_COUNTED_FIGURES
+  assert chosen["valid_figures_counted"] <= chosen["valid_figures"]
+  note = summary["selection_warning"]
+  assert "model selection (toy) chose epoch 2" in note and "eval.selection=roi_ap" in note
+  assert json.loads((tmp_path / "summary.json").read_text())["selection_warning"] == note
+  assert [r.getMessage() for r in caplog.records if note in r.getMessage()] == [
+      f"{tmp_path}: {note}"]
+  assert f"warning        {note}" in train.format_summary(summary, str(tmp_path))
+
   config.eval.selection = "nothing_registered"
   with pytest.raises(ValueError, match="eval.selection 'nothing_registered'.*'reference'.*'toy'"):
     inputs.build(config, mesh)

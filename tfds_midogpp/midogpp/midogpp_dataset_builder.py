@@ -121,10 +121,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     config = self.builder_config
     manual = _manual_dir(dl_manager)
     images = manual / "images" if manual and (manual / "images").is_dir() else manual
-    where = os.fspath(images) if images else "a folder given as --manual_dir"
+    given = getattr(dl_manager, "_manual_dir", None)  # TFDS hides an empty or absent one.
+    where = (os.fspath(images) if images else
+             f"{given} (now empty)" if given else "a folder given as --manual_dir")
     try:
       sources.make_resilient(dl_manager, {})
-      notes, splits = self._annotation_files(dl_manager, manual)
+      notes, splits = self._annotation_files(dl_manager, manual, where)
       cases = config.select(annotations_lib.load_cases(os.fspath(notes), os.fspath(splits)))
       if not cases:
         raise FileNotFoundError(f"no case of tumour types {config.tumor_types} in {notes}")
@@ -150,14 +152,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     # A partial annotation set (e.g. a subset of cases) may lack a split.
     return {s: self._generate_examples(items) for s, items in by_split.items() if items}
 
-  def _annotation_files(self, dl_manager, manual):
+  def _annotation_files(self, dl_manager, manual, where):
     local = {"annotations": manual and manual / ANNOTATIONS_FILE,
              "splits": manual and manual / SPLITS_FILE}
     if all(p and p.exists() for p in local.values()):
       return local["annotations"], local["splits"]
     urls = sources.annotation_urls()
     sources.check_reachable(urls["annotations"], f"{ANNOTATIONS_FILE} and {SPLITS_FILE}",
-                            f"the manual folder ({manual or '--manual_dir DIR'})")
+                            f"the manual folder ({manual or where})")
     paths = dl_manager.download(urls)
     if os.environ.get(sources.ANNOTATIONS_URL_ENV):  # A mirror: not in checksums.tsv.
       sources.verify_pinned(paths["annotations"], ANNOTATIONS_FILE, urls["annotations"])

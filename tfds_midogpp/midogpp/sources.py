@@ -167,6 +167,9 @@ def make_resilient(dl_manager, validators: dict[str, callable]) -> None:
   attempts = max(1, int(_setting(ATTEMPTS_ENV, 5)))
   backoff = _setting(BACKOFF_ENV, 2.0)
   read_timeout = _setting(READ_TIMEOUT_ENV, 60.0)
+  # TFDS retries 5xx answers and refused connections itself (urllib3, 10 times
+  # by default, minutes against a mirror answering 503): our attempts bound it.
+  downloader.MAX_RETRIES = attempts - 1
   if not getattr(downloader._open_with_requests, "_midogpp_timeout", False):  # pylint: disable=protected-access
     opener = functools.partial(downloader._open_with_requests,  # pylint: disable=protected-access
                                timeout=(CONNECT_TIMEOUT_S, read_timeout))
@@ -185,7 +188,9 @@ def make_resilient(dl_manager, validators: dict[str, callable]) -> None:
           validators[url](result.path)
         return result
       except Exception as e:  # pylint: disable=broad-except
-        if not _transient(e) or attempt == attempts:
+        last = not _transient(e) or attempt == attempts
+        _clear(destination_path, remove_folder=last)  # A partial file is no use.
+        if last:
           raise DownloadFailed(
               f"{_name_of(url, validators)} from {url}: {type(e).__name__}: {e} "
               f"(after {attempt} attempt{'s' * (attempt > 1)}). Run the build again to "
@@ -199,6 +204,18 @@ def make_resilient(dl_manager, validators: dict[str, callable]) -> None:
 
   tfds_downloader._midogpp_original = sync_download  # pylint: disable=protected-access
   tfds_downloader._sync_download = download  # pylint: disable=protected-access
+
+
+def _clear(destination_path, remove_folder: bool) -> None:
+  """Empties (or removes) the temporary folder TFDS gave a failed transfer."""
+  path = epath.Path(destination_path)
+  if ".tmp." not in path.name or not path.exists():  # Never the downloads folder itself.
+    return
+  if remove_folder:
+    path.rmtree(missing_ok=True)
+    return
+  for child in path.iterdir():
+    child.rmtree(missing_ok=True) if child.is_dir() else child.unlink(missing_ok=True)
 
 
 def _name_of(url: str, validators: dict) -> str:
