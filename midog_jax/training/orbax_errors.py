@@ -147,8 +147,12 @@ def _drop_late_echoes() -> None:
       previous(args)
 
   def not_an_echo(record: logging.LogRecord) -> bool:
-    text = record.getMessage()
-    return not ("never retrieved" in text and "orbax" in text)
+    if "never retrieved" not in record.getMessage():
+      return True
+    # The future's text may name only TensorStore; its traceback names Orbax.
+    exc, tb = record.exc_info[1:] if record.exc_info else (None, None)
+    return not ("orbax" in record.getMessage() or "TensorStore" in record.getMessage()
+                or _is_echo(exc, tb))
 
   sys.unraisablehook = hook
   logging.getLogger("asyncio").addFilter(not_an_echo)
