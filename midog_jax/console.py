@@ -345,60 +345,6 @@ def progress(items: Iterable[T], total: int | None, desc: str, unit: str = "item
       p.update(1)
 
 
-_HELP = ("-h", "--help", "-help", "-?", "--helpshort", "--helpfull")
-
-
-def absl_main(main, module: str, doc: str, argv: list[str] | None = None) -> int:
-  """Parses absl flags and calls `main(argv)`, answering as argparse does.
-
-  `--help` prints the module's docstring and flags and exits 0 (absl's own
-  exits 1); a bad flag is one "error:" line and exit 2. `module` is the
-  caller's `__name__`.
-  """
-  try:
-    return _absl_main(main, module, doc, argv)
-  except BrokenPipeError:  # `... --help | head`: no traceback (Python's documented recipe).
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 1
-
-
-def _absl_main(main, module: str, doc: str, argv: list[str] | None) -> int:
-  quiet_startup()
-  from absl import flags
-  argv = list(sys.argv if argv is None else argv)
-  words = argv[1:argv.index("--")] if "--" in argv else argv[1:]
-  if any(w in _HELP for w in words):
-    # absl files a script's flags under its path, a module's under its name.
-    key = argv[0] if module == "__main__" else module
-    text = flags.FLAGS.get_help() if "--helpfull" in words else flags.FLAGS.module_help(key)
-    print(f"{doc.strip()}\n\nflags:\n{text}\n", flush=True)
-    return 0
-  hint = f"see python -m {module if module != '__main__' else _module_of(argv[0])} --help"
-  try:
-    rest = flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e} ({hint})", file=sys.stderr)
-    return 2
-  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    # Raised by a config file or a --config.FIELD override that does not fit it.
-    print(f"error: the configuration could not be built: {type(e).__name__}: {e} ({hint})",
-          file=sys.stderr)
-    return 2
-  return main(rest) or 0
-
-
-def absl_verbosity() -> int:
-  """`--verbosity` when given, else 0: absl's own default, -1, hides INFO."""
-  from absl import flags
-  flag = flags.FLAGS["verbosity"]
-  return flag.value if flag.present else 0
-
-
-def _module_of(path: str) -> str:
-  """midog_jax/train.py -> midog_jax.train."""
-  return "midog_jax." + os.path.splitext(os.path.basename(path))[0]
-
-
 def first_of(names, n: int = 5) -> str:
   """"a, b, c", or "a, b, c, d, e (first 5 of 9)" when there are more than `n`."""
   names = [str(x) for x in names]

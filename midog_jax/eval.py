@@ -17,6 +17,7 @@ import json
 import sys
 from typing import Sequence
 
+from midog_jax import commands
 from midog_jax import console
 from midog_jax.data import annotations
 from midog_jax.detection import predictions
@@ -38,17 +39,6 @@ def _run_score(args: argparse.Namespace) -> int:
   return 0
 
 
-def probability(text: str) -> float:
-  """An argparse type: a number in [0, 1] (NaN refused)."""
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-  if not 0.0 <= value <= 1.0:  # Also false for NaN.
-    raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
-  return value
-
-
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m midog_jax.eval", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--split", choices=annotations.SPLITS, default="test",
                  help="cases to score (default: test)")
   t = p.add_mutually_exclusive_group()
-  t.add_argument("--threshold", type=probability,
+  t.add_argument("--threshold", type=commands.probability,
                  help=f"score threshold, strict (default {score.DEFAULT_THRESHOLD})")
   t.add_argument("--choose-threshold-on", metavar="V",
                  help="prediction JSON of validation cases; the threshold with the "
@@ -75,16 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
 def build_runs_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m midog_jax.eval",
-      description="Evaluate every finished run under --runs on the test split (threshold "
-                  "chosen on each run's validation fold) and write the single-domain and "
-                  "leave-one-out matrices of F1 and AP (CSV, Markdown, PNG). For scoring a "
-                  "prediction file: python -m midog_jax.eval score --help")
+      usage="python -m midog_jax.eval --runs RUNS --out REPORT [options]\n"
+            "       python -m midog_jax.eval score --annotations A --splits S --predictions P "
+            "[options]",
+      description="MIDOG evaluation: the paper's domain matrices from trained runs, or the\n"
+                  "score of one prediction file.\n\n"
+                  "With --runs, every finished run under RUNS detects on its validation fold\n"
+                  "and on the test split, takes the threshold with the best F1 on its\n"
+                  "validation fold and is scored per test tumour type; the single-domain and\n"
+                  "leave-one-out matrices of F1 and AP are written to REPORT (CSV, Markdown,\n"
+                  "PNG heatmaps, runs.json).",
+      epilog="commands:\n  score   score one MIDOG-format prediction file "
+             "(python -m midog_jax.eval score --help)",
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--runs", required=True, help="folder holding the runs (experiment/foldK)")
   parser.add_argument("--out", required=True, help="report folder")
   parser.add_argument("--compare-paper", action="store_true",
                       help="put the paper's Tables 4-7 values beside each cell")
   parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: the runs')")
-  parser.add_argument("--folds", default="0,1,2,3,4", help="folds expected per experiment")
+  parser.add_argument("--folds", default="0,1,2,3,4",
+                      help="folds expected per experiment; a cell with fewer is marked "
+                           "(default 0,1,2,3,4)")
   parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
                       help="the epoch model selection kept (default, the paper's), or the last")
   parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -111,7 +112,7 @@ def _run_runs(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
   console.quiet_startup()
   argv = list(sys.argv[1:] if argv is None else argv)
-  if argv and argv[0] in ("score", "-h", "--help") or not argv:
+  if argv and argv[0] == "score":
     args = build_parser().parse_args(argv)
     with console.logging_to_stderr(args.verbose):
       return args.func(args)
@@ -121,4 +122,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(commands.guard(main))

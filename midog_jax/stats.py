@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Sequence
 
+from midog_jax import commands
 from midog_jax import console
 from midog_jax.data import annotations
 from midog_jax.data import domain_stats
@@ -37,4 +38,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(commands.guard(main))

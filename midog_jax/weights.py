@@ -18,6 +18,7 @@ import os
 import sys
 from typing import Sequence
 
+from midog_jax import commands
 from midog_jax import console
 
 # JAX, Flax and the model are imported after parsing, so that `--help` answers at once.
@@ -74,4 +75,4 @@ def _run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(commands.guard(main))

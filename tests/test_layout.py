@@ -13,8 +13,9 @@ import pytest
 import midog_jax
 
 PACKAGE = pathlib.Path(midog_jax.__file__).parent
-ENTRY_POINTS = {"train", "eval", "detect", "demo", "stats", "experiments", "synthetic", "weights"}
-SHARED = {"domains", "sharding", "atomic", "console"}
+ENTRY_POINTS = {"train", "eval", "detect", "demo", "stats", "experiments", "synthetic", "weights",
+                "export", "slides"}
+SHARED = {"domains", "sharding", "atomic", "console", "commands"}
 STAGES = ("data", "model", "training", "detection", "evaluation")
 # (importer, imported): the edges against the stage order, each with its reason
 # in the importer's package docstring.

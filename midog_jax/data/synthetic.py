@@ -223,6 +223,9 @@ def write_dataset(out: str, cases_per_domain: int, width: int, height: int,
   os.makedirs(os.path.join(out, "images"), exist_ok=True)
   real_by_tumor: dict[str, list] = {}
   if layout_from:
+    if not os.path.isfile(layout_from):  # Before the CSV beside it is looked for.
+      raise annotations_lib.AnnotationError(
+          f"{layout_from}: annotation file not found; pass the path of MIDOG++.json")
     splits = os.path.join(os.path.dirname(layout_from), "datasets_xvalidation.csv")
     for c in annotations_lib.load_cases(layout_from, splits):
       real_by_tumor.setdefault(c.tumor, []).append(c)

@@ -45,6 +45,7 @@ class OutputFormat:
   write_all: Callable[[str, Mapping[str, tuple[np.ndarray, np.ndarray]], Mapping[str, float]],
                       None] | None = None
   required: bool = False
+  thresholded: bool = False  # Shows only the detections above the operating point.
 
 
 def _geojson(folder: str, d: Detected) -> None:
@@ -67,9 +68,13 @@ OUTPUT_FORMATS: dict[str, OutputFormat] = {
         write_all=predictions.write_predictions, required=True),
     "geojson": OutputFormat(
         "--geojson", "DIR", "folder for one QuPath GeoJSON per image (detections above the "
-        "operating point, the probability as a measurement)", write_image=_geojson),
+        "operating point, the probability as a measurement)", write_image=_geojson,
+        thresholded=True),
     "overlay": OutputFormat(
-        "--overlay", "DIR", "folder for one overlay PNG per image", write_image=_overlay),
+        "--overlay", "DIR", "folder for one overlay PNG per image (detections above the "
+        "operating point: green hits, red false positives, cyan missed figures where the "
+        "ground truth is known, yellow where it is not)", write_image=_overlay,
+        thresholded=True),
 }
 
 

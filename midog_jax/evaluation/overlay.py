@@ -41,7 +41,7 @@ def write_overlay(path: str | os.PathLike[str], image: np.ndarray, det_xy: np.nd
   style = dict(s=(2 * r * 72 / fig.dpi) ** 2, facecolors="none", linewidths=1.4)
   if gt_xy is None:
     ax.scatter(det_xy[:, 0] / step, det_xy[:, 1] / step, edgecolors="yellow", **style)
-    legend = f"{len(det_xy)} detections"
+    legend = f"{len(det_xy)} detections (yellow; no ground truth to colour hits and misses)"
   else:
     gt_xy = np.asarray(gt_xy, np.float64).reshape(-1, 2)
     pairs = metrics.match_pairs(gt_xy, det_xy, metrics.radius_px(um_per_px))

@@ -60,6 +60,27 @@ def format_table(report: dict) -> str:
   return "\n".join(lines)
 
 
+def check_coverage(predictions_path: str, annotations_path: str, split: str,
+                   scored: Sequence[annotations_lib.Case], other_split: Sequence[str],
+                   dets: dict) -> None:
+  """Refuses predictions that cannot be for these annotations and split.
+
+  Cases without predictions count as empty, which is right for a detector
+  that found nothing and wrong for a file made for other annotations (the
+  demo's against the real MIDOG++.json: the same file names, a table of
+  zeros). Such a file has images of the other split and misses some of this
+  one; a file for this split alone, or for both, passes.
+  """
+  missing = [c.file_name for c in scored if c.file_name not in dets]
+  if other_split and missing:
+    raise predictions_lib.PredictionError(
+        f"{predictions_path}: holds {len(other_split)} image(s) that {annotations_path} puts "
+        f"outside the {split} split ({console.first_of(other_split, 3)}) and lacks "
+        f"{len(missing)} of its {len(scored)} {split} case(s) ({console.first_of(missing, 3)}): "
+        "it was made for other annotations or another split; pass the annotation files it was "
+        "made with (the demo's: midog_demo/data/manual/) or the right --split")
+
+
 def score_file(annotations_path: str, splits_path: str, predictions_path: str, split: str = "test",
                threshold: float | None = None, choose_threshold_on: str | None = None) -> dict:
   """The report of a MIDOG prediction file on the cases of `split`.
@@ -71,6 +92,9 @@ def score_file(annotations_path: str, splits_path: str, predictions_path: str, s
   um = {c.file_name: c.um_per_px for c in all_cases}
   sizes = {c.file_name: (c.width, c.height) for c in all_cases}
   dets = predictions_lib.read_predictions(predictions_path, um, sizes)
+  scored = [c for c in all_cases if c.split == split]
+  check_coverage(predictions_path, annotations_path, split, scored,
+                 [c.file_name for c in all_cases if c.split != split and c.file_name in dets], dets)
   threshold = DEFAULT_THRESHOLD if threshold is None else threshold
   if choose_threshold_on:
     val = predictions_lib.read_predictions(choose_threshold_on, um, sizes)
@@ -79,4 +103,4 @@ def score_file(annotations_path: str, splits_path: str, predictions_path: str, s
       raise predictions_lib.PredictionError(
           f"{choose_threshold_on}: no image of the annotations in it")
     threshold, _ = metrics.choose_threshold(scored_cases(val_cases, val))
-  return score([c for c in all_cases if c.split == split], dets, threshold)
+  return score(scored, dets, threshold)

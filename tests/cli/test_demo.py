@@ -17,7 +17,7 @@ TINY = ["--config.synthetic.cases_per_domain=3", "--config.synthetic.width=192",
         "--config.train_patches_per_epoch=16", "--config.valid_patches_per_epoch=16",
         "--config.patch_size=64", "--config.eval.window_min_overlap=0",
         "--config.eval.score_threshold=0.01", "--overlays=0"]
-TIMING = ("wall_seconds", "epoch_seconds", "train_seconds")
+TIMING = ("wall_seconds", "stage_seconds", "epoch_seconds", "train_seconds")
 
 
 def _demo(workdir) -> subprocess.Popen:
@@ -72,3 +72,16 @@ def test_the_log_is_plain_lines(two_runs):
   assert [l.split(":")[0] for l in lines if l.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
   assert any(l.startswith("run: 4/4 step, loss ") and "took" in l for l in lines)
   assert "pooled test F1" in proc.stdout
+
+
+def test_stage_lines_and_times_go_with_the_log_and_results_to_stdout(two_runs):
+  (workdir, proc), _ = two_runs
+  # Stage headers beside the training lines (stderr), so one redirected log keeps their order.
+  assert [l for l in proc.stderr.splitlines() if l.startswith("== ")][0] == (
+      "== 1/5 synthetic MIDOG++ (TIFFs, MIDOG++.json, datasets_xvalidation.csv)")
+  assert "== " not in proc.stdout and "pooled test F1" in proc.stdout
+  assert f"annotations {workdir / 'data' / 'manual' / 'MIDOG++.json'}" in proc.stdout
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert set(summary["stage_seconds"]) == {"synthetic", "build", "training", "evaluation",
+                                           "overlays"}
+  assert summary["wall_seconds"] == round(sum(summary["stage_seconds"].values()), 1)

@@ -1,6 +1,7 @@
 """Every command in README.md is checked against the command line it calls."""
 
 import functools
+import importlib
 import re
 import shlex
 import subprocess
@@ -52,7 +53,8 @@ def test_the_two_setup_commands_are_in_readme_and_ci():
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if "python -m midog_jax." in c])
 def test_midog_commands_match_their_command_lines(command):
-  words = shlex.split(command.replace("|", " "))
+  # A quoted argument holding options (train's --member "...") is checked as options too.
+  words = [w for word in shlex.split(command.replace("|", " ")) for w in word.split()]
   i = words.index("-m")
   module = words[i + 1]
   rest = words[i + 2:]
@@ -66,9 +68,8 @@ def test_midog_commands_match_their_command_lines(command):
   config_file = next((w.split(":")[0] for w in rest if w.startswith("configs/")), None)
   overrides = [w for w in rest if w.startswith("--config.")]
   if overrides:
-    from ml_collections.config_flags import config_flags as cf
     path = config_file or "configs/default.py"
-    config = cf._LoadConfigModule("readme_cfg", str(ROOT / path)).get_config()
+    config = importlib.import_module(path[:-3].replace("/", ".")).get_config()
     for o in overrides:
       node = config
       for key in o[len("--config."):].split("=")[0].split("."):
@@ -86,3 +87,29 @@ def test_tfds_build_commands(command):
 def test_every_config_named_in_readme_exists():
   for name in set(re.findall(r"configs/(\w+)\.py", README)):
     assert (ROOT / "configs" / f"{name}.py").exists(), name
+
+
+def _figures():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import figures  # benchmarks/figures.py, a script beside the benchmarks.
+  return figures
+
+
+def test_quoted_figures_equal_the_files_that_recorded_them():
+  figures = _figures()
+  quoted = dict(figures._SPAN.findall(README))
+  # The demo's headline numbers and times, and the projections, are all quoted from files.
+  for name in ("demo.f1", "demo.ap", "demo.threshold", "demo.seconds", "demo.machine",
+               "demo.score_table", "projection.h200_run", "projection.cpu_run"):
+    assert name in quoted, name
+  assert figures.differences(README) == []
+  for record in ("demo", "projection"):
+    assert (figures.RESULTS / f"{record}.json").exists(), record
+  assert figures._load("demo")["machine"]["cpu"]  # Every measured figure names its machine.
+
+
+def test_a_changed_figure_is_caught():
+  figures = _figures()
+  changed = README.replace("<!-- figure:demo.f1 -->", "<!-- figure:demo.f1 -->9", 1)
+  assert [name for name, _, _ in figures.differences(changed)] == ["demo.f1"]
+  assert figures.differences(figures.update(changed)) == []

@@ -206,3 +206,21 @@ def test_points_without_probability_are_warned_and_names_differing_in_case_refus
   assert eval_lib.main(_args(out, str(preds))) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and f"{upper!r} is not in the annotations, but {c.file_name!r} is" in err[0]
+
+
+def test_predictions_for_other_annotations_are_refused_not_scored_as_zeros(tmp_path, capsys):
+  # Predictions of the test cases scored as the train split: the same file names exist
+  # (as the demo's against the real MIDOG++.json) but none of them is scored.
+  out = str(tmp_path / "ds")
+  cases = synthetic.write_dataset(out, 2, 64, 64, seed=0, density_scale=300, progress=False)
+  test = [c for c in cases if c.split == "test"]
+  train = [c for c in cases if c.split == "train"]
+  assert test and train
+  _write(tmp_path / "p.json", test, np.random.default_rng(1))
+  assert eval_lib.main(_args(out, str(tmp_path / "p.json"))) == 2
+  [line] = capsys.readouterr().err.strip().splitlines()
+  assert line.startswith(f"error: {tmp_path / 'p.json'}: holds {len(test)} image(s) that ")
+  assert f"lacks {len(train)} of its {len(train)} train case(s)" in line
+  # Both splits in one file, or one split's cases alone: scored.
+  _write(tmp_path / "all.json", cases, np.random.default_rng(1))
+  assert eval_lib.main(_args(out, str(tmp_path / "all.json"))) == 0
