@@ -14,6 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
   # spelling the registry knows) and the cross-validation fold (0-4).
   config.experiment = "all_domains"
   config.tumor_types = "all"
+  # Domains trained on, within those tumour types: "all", or comma-separated ids
+  # of midog_jax/domains.py (e.g. "1a,1b"; configs/leave_one_domain_out.py).
+  config.domains = "all"
   config.fold = 0
   config.num_folds = 5  # The reference's StratifiedKFold(5, shuffle=True, random_state=42).
   config.fold_seed = 42
@@ -39,6 +42,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Threads cropping patches on the host (same batches for any number);
   # 0: the cores this process may use, at most 8.
   config.input_workers = 0
+
+  # Stain normalisation of every image, in training and detection alike, to a
+  # target fitted on the training cases: "macenko" (Macenko et al. 2009),
+  # "reinhard" (L*a*b* statistics) or "none" (the reference).
+  config.stain_normalization = "none"
 
   config.model = ml_collections.ConfigDict()
   config.model.levels = (4,)  # Stride-16 level: `sizes=[32]` at 512 px.
@@ -72,8 +80,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment.contrast = (0.5, 2.0)
   config.augment.p_lighting = 0.5
   # Colour augmentations by name (midog_jax/data/augment.py's COLOUR_AUGMENTATIONS),
-  # after lighting; the reference has none.
+  # after lighting; the reference has none. Stain augmentation: "hed_light" or
+  # "hed_strong" (Tellez et al. 2018's HED jitter, sigma 0.05 or 0.2).
   config.augment.colour = ()
+  # RandStainNA (Shen et al. 2022): each patch's colour statistics moved to a
+  # template drawn from the training cases' ("lab" or "hsv" space; "none": off,
+  # the reference); the drawn spread scaled by randstainna_sigma.
+  config.augment.randstainna = "none"
+  config.augment.randstainna_sigma = 1.0
   # Targets: figures whose centre is in the patch, as the reference. True also
   # labels those of the crop's margin that rotation and warping bring into view.
   config.augment.margin_targets = False

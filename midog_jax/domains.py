@@ -177,3 +177,34 @@ def parse_tumor_types(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...
     spec = [s for s in spec.split(",") if s.strip()]
   wanted = {tumor_type(s).slug for s in spec}
   return tuple(s for s in TUMOR_SLUGS if s in wanted)
+
+
+def parse_domain_ids(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...] | None:
+  """`"all"` -> None (no domain filter); comma-separated ids -> ids in registry order."""
+  if isinstance(spec, str):
+    if spec.strip().lower() == "all":
+      return None
+    spec = [s for s in spec.split(",") if s.strip()]
+  wanted = {domain(s.strip()).id for s in spec}
+  if not wanted:
+    raise KeyError(f"no domain named in {spec!r}; known: {', '.join(DOMAIN_IDS)}")
+  return tuple(i for i in DOMAIN_IDS if i in wanted)
+
+
+def domain_set_name(ids) -> str:
+  """A set of domains as one name, in registry order: ("1b", "1a") -> "1a+1b"."""
+  ids = {domain(i).id for i in ids}
+  return "+".join(i for i in DOMAIN_IDS if i in ids)
+
+
+def parse_domain_set(name: str) -> tuple[str, ...]:
+  """The inverse of `domain_set_name`."""
+  return tuple(domain(i).id for i in name.split("+"))
+
+
+DOMAIN_EXPERIMENT_PREFIX = "domains_"  # A run trained on some domains: "domains_1a+1b".
+
+
+def domain_experiment_name(ids) -> str:
+  """The experiment name of a run trained on the domains `ids`."""
+  return DOMAIN_EXPERIMENT_PREFIX + domain_set_name(ids)

@@ -7,9 +7,15 @@ Reading the dataset:
   records         TFRecord shards read by byte offset, without TensorFlow
   dataset         the built `midogpp` TFDS dataset: case metadata and decoded ROIs
   roi_io          region-of-interest TIFFs: read, write, resolution
-  roi_store       decoded ROIs in RAM (RoiCache) or on disk, memory-mapped (DecodedStore)
+  roi_store       decoded ROIs in RAM (RoiCache) or on disk, memory-mapped (DecodedStore);
+                  each case's stain statistics beside them (StainStore)
   normalization   tissue mask, per-image tissue statistics, the run's z-score normalisation
   synthetic       a synthetic MIDOG++ in the real formats
+  synthetic_slides  synthetic whole-slide images (tiled pyramids, SVS) with their ground truth
+  slide_reader    whole-slide images window by window: OpenSlide's formats and TIFF ROIs,
+                  µm/px, resampling to the training resolution, tissue mask, --roi
+  stain           stain maths on the device and the host: colour deconvolution, HED jitter,
+                  Macenko, Reinhard, RandStainNA; a run's stain.json (RunStain)
 
 Feeding training:
   sampling        the reference's guided patch sampling, as pure functions of a seed

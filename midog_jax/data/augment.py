@@ -25,6 +25,13 @@ run inside the jitted train step:
   and contrast independently with p_lighting; the dihedral element is always
   drawn, uniformly from 8.
 
+Stain switches (off by default, as in the reference; `stain.py` holds the
+maths): a case's stain normalisation (Macenko or Reinhard, per-image params
+from the host) right after the resampling, then RandStainNA (a Reinhard
+transform to a template drawn from the run's training statistics), then
+lighting, then the COLOUR_AUGMENTATIONS a run names (HED jitter: "hed_light",
+"hed_strong"). Validation patches get the stain normalisation only.
+
 Deliberate differences from fastai: the input is a crop larger than the patch
 (see `margin`), so rotation and warp show real tissue where fastai reflected
 the patch, and objects rotated in from outside the patch get boxes; sampling
@@ -48,6 +55,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.typing import DTypeLike
 
+from midog_jax.data import stain as stain_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
@@ -64,6 +73,12 @@ class AugmentConfig:
   # Names in COLOUR_AUGMENTATIONS applied after lighting, in order; none in
   # the reference.
   colour: tuple[str, ...] = ()
+  # RandStainNA's colour space ("lab", "hsv"; "none": off) and the scale of
+  # the spread its templates are drawn with (1: the training cases' own).
+  randstainna: str = "none"
+  randstainna_sigma: float = 1.0
+  # The per-image stain normalisation the batches' "stain" params are for.
+  stain_normalization: str = "none"
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, enabled: bool = True) -> "AugmentConfig":
@@ -71,10 +86,14 @@ class AugmentConfig:
     a = config.augment
     for name in a.get("colour", ()):
       colour_augmentation(name)  # An unknown name fails here, before any data is read.
+    method, space, sigma = stain_lib.check_switches(config.get("stain_normalization", "none"),
+                                                    a.get("randstainna", "none"),
+                                                    a.get("randstainna_sigma", 1.0))
     return cls(enabled=enabled and a.enabled, max_warp=a.max_warp, max_rotate=a.max_rotate,
                max_zoom=a.max_zoom, p_affine=a.p_affine, brightness=tuple(a.brightness),
                contrast=tuple(a.contrast), p_lighting=a.p_lighting,
-               colour=tuple(a.get("colour", ())))
+               colour=tuple(a.get("colour", ())), randstainna=space,
+               randstainna_sigma=sigma, stain_normalization=method)
 
 
 class AugmentParams(NamedTuple):
@@ -285,7 +304,14 @@ def transform_boxes(
 # [P, P, 3] float32 in 0..1 after lighting, jittable. `AugmentConfig.colour`
 # names the ones a run applies; see README.md, "Where to add an augmentation".
 ColourAugmentation = Callable[[jax.Array, jax.Array], jax.Array]
-COLOUR_AUGMENTATIONS: dict[str, ColourAugmentation] = {}
+COLOUR_AUGMENTATIONS: dict[str, ColourAugmentation] = {
+    # Tellez et al. 2018's HED jitter, its two published strengths.
+    "hed_light": functools.partial(stain_lib.hed_jitter, sigma=stain_lib.HED_LIGHT),
+    "hed_strong": functools.partial(stain_lib.hed_jitter, sigma=stain_lib.HED_STRONG),
+}
+# RandStainNA draws from the run's statistics, which a fn(key, image) entry
+# cannot hold: it is `AugmentConfig.randstainna`, fed `randstainna_stats`.
+_RANDSTAINNA_STREAM = 0  # fold_in index of its key; the colour entries use 1, 2, ...
 
 
 def colour_augmentation(name: str) -> ColourAugmentation:
@@ -301,14 +327,23 @@ def augment_image(
     params: AugmentParams, *, patch_size: int, mean: jax.Array,
     std: jax.Array, box_size: float = 50.0, dtype: DTypeLike = jnp.float32,
     key: jax.Array | None = None, colour: Sequence[str] = (),
+    stain: jax.Array | None = None, stain_method: str = "none",
+    randstainna_stats: jax.Array | None = None, randstainna_space: str = "none",
+    randstainna_sigma: float = 1.0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One crop [C, C, 3] uint8 with given parameters; see `augment_batch`.
 
-  `colour` augmentations draw from keys folded from `key`, so they leave the
-  geometric and lighting draws unchanged.
+  `colour` augmentations and RandStainNA draw from keys folded from `key`, so
+  they leave the geometric and lighting draws unchanged.
   """
   t_px = _to_pixels(sampling_matrix(params), patch_size)
-  x = lighting(warp_image(crop, t_px, patch_size) / 255.0, params)
+  x = warp_image(crop, t_px, patch_size) / 255.0
+  if stain is not None:
+    x = stain_lib.apply(x, stain, stain_method)
+  if randstainna_stats is not None and randstainna_space != "none":
+    x = stain_lib.randstainna(jax.random.fold_in(key, _RANDSTAINNA_STREAM), x,
+                              randstainna_stats, randstainna_space, randstainna_sigma)
+  x = lighting(x, params)
   for i, name in enumerate(colour):
     x = colour_augmentation(name)(jax.random.fold_in(key, i + 1), x)
   boxes, keep = transform_boxes(t_px, centers, valid, patch_size=patch_size,
@@ -324,7 +359,8 @@ def augment_batch(
     *, patch_size: int, mean: Sequence[float] | jax.Array,
     std: Sequence[float] | jax.Array,
     config: AugmentConfig = AugmentConfig(), box_size: float = 50.0,
-    dtype: DTypeLike = jnp.float32,
+    dtype: DTypeLike = jnp.float32, stain: jax.Array | None = None,
+    randstainna_stats: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Augments and normalises a batch of host crops.
 
@@ -339,6 +375,10 @@ def augment_batch(
     config: the transforms; `enabled=False` gives the plain centre patch.
     box_size: side of the square box around each centre, in crop pixels.
     dtype: output image dtype, e.g. float32 or bfloat16.
+    stain: float32 [B, 4, 3], each image's stain normalisation params
+      (`config.stain_normalization`); None: none.
+    randstainna_stats: float32 [4, 3], the run's RandStainNA distribution
+      (`config.randstainna`); None: no RandStainNA.
 
   Returns:
     images [B, P, P, 3] in `dtype`, boxes float32 [B, N, 4] as (x1, y1, x2,
@@ -354,6 +394,9 @@ def augment_batch(
     # Identity geometry: a slice instead of a gather.
     m = (c - patch_size) // 2
     images = crops[:, m:m + patch_size, m:m + patch_size] / 255.0
+    if stain is not None:
+      images = jax.vmap(functools.partial(stain_lib.apply, method=config.stain_normalization)
+                        )(images, stain)
     eye = _to_pixels(jnp.eye(3), patch_size)
     boxes, keep = jax.vmap(functools.partial(
         transform_boxes, eye, patch_size=patch_size, crop=c,
@@ -362,5 +405,11 @@ def augment_batch(
   keys = jax.random.split(key, b)
   params = jax.vmap(sample_params, (0, None))(keys, config)
   fn = functools.partial(augment_image, patch_size=patch_size, mean=mean,
-                         std=std, box_size=box_size, dtype=dtype, colour=config.colour)
-  return jax.vmap(lambda c, x, v, p, k: fn(c, x, v, p, key=k))(crops, centers, valid, params, keys)
+                         std=std, box_size=box_size, dtype=dtype, colour=config.colour,
+                         stain_method=config.stain_normalization,
+                         randstainna_stats=randstainna_stats,
+                         randstainna_space=config.randstainna,
+                         randstainna_sigma=config.randstainna_sigma)
+  # `stain` may be None: a pytree without leaves, which vmap passes through.
+  return jax.vmap(lambda c, x, v, p, k, s: fn(c, x, v, p, key=k, stain=s))(
+      crops, centers, valid, params, keys, stain)

@@ -8,6 +8,9 @@ the convention `augment` uses beyond the crop. Objects are listed when their
 centre lies in the window, hard negatives included, padded to a fixed count;
 more objects than slots is an error, never a silent drop.
 
+With a stain normalisation, each patch also carries its case's [4, 3]
+params (`stain.py`), which the device applies to the crop.
+
 Decoded ROIs come from a `roi_store.RoiCache`. `batches` can fill several windows of
 batches at once in worker threads: NumPy releases the GIL while it copies
 pixels, and each window is a pure function of the plan, so the batches are
@@ -20,7 +23,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import os
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -151,19 +154,20 @@ def max_objects_in_window(cases: Sequence[sampling.SampledCase],
 
 
 def fill(plan: sampling.Plan, cache: roi_store.RoiCache, crop_size: int,
-         max_objects: int, out: dict[str, np.ndarray] | None = None
-         ) -> dict[str, np.ndarray]:
+         max_objects: int, out: dict[str, np.ndarray] | None = None,
+         stain: Mapping[int, np.ndarray] | None = None) -> dict[str, np.ndarray]:
   """Crops and objects of every patch of `plan`, fetching each ROI once.
 
   Patches are filled case by case, so a streaming cache (budget 0) decodes
   each case once per call however its patches are spread over the plan.
   `out` reuses arrays of a previous call (at least len(plan) long): writing
   into freshly allocated memory costs about as much as the crop itself.
+  `stain` maps case ids to their stain normalisation params.
 
   Returns:
     {"crops": uint8 [K, C, C, 3], "centers": float32 [K, N, 2] (x, y) in
     crop pixels, "labels": int32 [K, N], "valid": bool [K, N],
-    "case_id": int64 [K]}.
+    "case_id": int64 [K]}, and with `stain` "stain": float32 [K, 4, 3].
   """
   k, p = len(plan), plan.patch_size
   if out is None or len(out["crops"]) < k:
@@ -173,10 +177,14 @@ def fill(plan: sampling.Plan, cache: roi_store.RoiCache, crop_size: int,
         "labels": np.empty((k, max_objects), np.int32),
         "valid": np.empty((k, max_objects), bool),
     }
+  if stain is not None and len(out.get("stain", ())) < k:
+    out["stain"] = np.empty((k, 4, 3), np.float32)
   out = {key: v[:k] for key, v in out.items() if key != "case_id"}
   out["case_id"] = plan.case_ids()
   for index in np.unique(plan.case_index):
     case = plan.cases[index]
+    if stain is not None:
+      out["stain"][plan.case_index == index] = stain[case.case_id]
     image = cache.get(case.case_id)
     for j in np.flatnonzero(plan.case_index == index):
       x0, y0 = int(plan.x0[j]), int(plan.y0[j])
@@ -200,7 +208,8 @@ def default_workers() -> int:
 def batches(plan: sampling.Plan, cache: roi_store.RoiCache, batch_size: int,
             crop_size: int, max_objects: int, start: int = 0,
             drop_remainder: bool = True, window: int = 1,
-            reuse_buffers: bool = False, workers: int = 1
+            reuse_buffers: bool = False, workers: int = 1,
+            stain: Mapping[int, np.ndarray] | None = None
             ) -> Iterator[dict[str, np.ndarray]]:
   """Host batches of `plan`, in plan order, from batch index `start` on.
 
@@ -222,6 +231,7 @@ def batches(plan: sampling.Plan, cache: roi_store.RoiCache, batch_size: int,
     workers: threads filling the next windows while the current one is
       consumed; the batches are the same for any number. Streaming, up to
       `workers` ROIs are decoded at once.
+    stain: case id -> stain normalisation params, put beside each patch.
 
   Yields:
     dicts as `fill` returns them, of `batch_size` patches.
@@ -235,7 +245,8 @@ def batches(plan: sampling.Plan, cache: roi_store.RoiCache, batch_size: int,
   spans = [(lo, min(lo + span, stop)) for lo in range(start * batch_size, stop, span)]
 
   def fill_span(lo_hi, out):
-    return fill(plan.take(np.arange(*lo_hi)), cache, crop_size, max_objects, out=out)
+    return fill(plan.take(np.arange(*lo_hi)), cache, crop_size, max_objects, out=out,
+                stain=stain)
 
   for filled in _in_order(fill_span, spans, workers, reuse_buffers):
     for b in range(0, len(filled["case_id"]), batch_size):

@@ -14,7 +14,7 @@ import functools
 import math
 import queue
 import threading
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -25,6 +25,7 @@ from midog_jax.data import augment
 from midog_jax.data import crops
 from midog_jax.data import roi_store
 from midog_jax.data import sampling
+
 
 def sampled_cases(cases: Sequence) -> list[sampling.SampledCase]:
   """`dataset.CaseInfo` (or anything with the same fields) -> sampler cases."""
@@ -58,6 +59,9 @@ class PatchInput:
     workers: threads cropping windows of batches at once (the batches do not
       depend on it). None or 0: `crops.default_workers()`, the cores this
       process may use, at most 8.
+    stain_params: case id -> [4, 3] stain normalisation params
+      (`stain.RunStain.case_params`), sent with each patch as "stain"; None:
+      no stain normalisation.
   """
 
   def __init__(self, cases: Sequence, load_roi: Callable[[int], np.ndarray], *,
@@ -66,7 +70,8 @@ class PatchInput:
                max_objects: int | None = None, mesh: Mesh | None = None,
                validation: bool = False, prefetch: int = 2, window: int = 1,
                cache: roi_store.RoiCache | None = None, reuse_buffers: bool | None = None,
-               workers: int | None = None):
+               workers: int | None = None,
+               stain_params: Mapping[int, np.ndarray] | None = None):
     self.cases = sampled_cases(cases)
     self.patch_size, self.crop_size = patch_size, augment.crop_size(patch_size)
     self.patches_per_epoch, self.seed = patches_per_epoch, seed
@@ -90,6 +95,9 @@ class PatchInput:
     self.local_batch_size = global_batch_size // n_proc
     self.max_objects = max_objects or crops.max_objects_in_window(self.cases, self.crop_size)
     self.cache = cache if cache is not None else roi_store.RoiCache(load_roi, cache_bytes)
+    self.stain_params = stain_params
+    if stain_params is not None and (missing := {c.case_id for c in self.cases} - set(stain_params)):
+      raise ValueError(f"no stain params for case(s) {sorted(missing)[:5]}")
     self._validation_plan = None
 
   def plan(self, epoch: int) -> sampling.Plan:
@@ -123,7 +131,8 @@ class PatchInput:
       yield from crops.batches(self.plan(0 if self.validation else epoch), self.cache,
                                  self.local_batch_size, self.crop_size, self.max_objects,
                                  start=offset, window=self.window,
-                                 reuse_buffers=self.reuse_buffers, workers=self.workers)
+                                 reuse_buffers=self.reuse_buffers, workers=self.workers,
+                                 stain=self.stain_params)
       epoch, offset = epoch + 1, 0
 
   def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:

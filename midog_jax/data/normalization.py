@@ -2,7 +2,8 @@
 
 `tissue_stats` runs once per ROI when the dataset is built (the statistics
 are stored with each record); `tissue_weighted` pools a run's training cases
-into its `Normalization`.
+into its `Normalization`. A run with a stain switch also carries its
+`stain.RunStain` there, so everything that normalises sees both.
 """
 
 from __future__ import annotations
@@ -10,22 +11,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from midog_jax import atomic
 
 # Background (glass) is bright and grey; tissue is coloured or darker.
-_MIN_CHROMA = 18
-_MAX_GREY = 200
+MIN_CHROMA = 18
+MAX_GREY = 200
 
 
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:
   """True where an RGB uint8 image shows tissue rather than empty glass."""
   rgb = rgb.astype(np.int16)
   chroma = rgb.max(axis=-1) - rgb.min(axis=-1)
-  return (chroma >= _MIN_CHROMA) | (rgb.mean(axis=-1) < _MAX_GREY)
+  return (chroma >= MIN_CHROMA) | (rgb.mean(axis=-1) < MAX_GREY)
 
 
 def tissue_stats(rgb: np.ndarray, stride: int = 4) -> dict[str, np.ndarray | float]:
@@ -46,6 +47,9 @@ class Normalization:
   """Per-channel mean and std of tissue pixels, on the 0-255 scale."""
   mean: tuple[float, float, float]
   std: tuple[float, float, float]
+  # The run's `stain.RunStain` (stain.json), or None: no stain switch. Not in
+  # normalization.json, so runs without one keep their files.
+  stain: Any = None
 
   @property
   def unit_mean(self) -> np.ndarray:  # 0-1 scale, as the augmentation takes it.

@@ -2,7 +2,9 @@
 
 `RoiCache` keeps decoded ROIs in RAM, least recently used out; budget 0
 streams (every patch decodes its ROI again). `DecodedStore` decodes each
-PNG once per dataset to a raw file that every later run maps.
+PNG once per dataset to a raw file that every later run maps. `StainStore`
+keeps each case's stain statistics (`stain.case_statistics`) beside them,
+computed once per dataset.
 
 A full-size ROI takes about 0.7 s to decode and 117 MB of RAM. A host that
 cannot keep a run's ROIs in RAM would otherwise decode them again for every
@@ -40,6 +42,7 @@ import google_crc32c
 import numpy as np
 
 from midog_jax import atomic
+from midog_jax.data import stain as stain_lib
 
 FOLDER = "midog_jax-decoded"
 MODES = ("auto", "ram", "disk")
@@ -66,9 +69,7 @@ class DecodedStore:
     self._told_unchecked = False
 
   def path(self, case) -> str:
-    shard = os.path.basename(case.record.shard)
-    return os.path.join(self.folder, f"{case.file_name}.{shard}.{case.record.offset}."
-                        f"{case.width}x{case.height}.rgb")
+    return os.path.join(self.folder, case_key(case) + ".rgb")
 
   def __call__(self, case) -> np.ndarray:
     path = self.path(case)
@@ -238,3 +239,49 @@ class RoiCache:
     with self._lock:
       self._images.clear()
       self._nbytes = 0
+
+
+def case_key(case) -> str:
+  """A case's name in the stores: file, record location and size."""
+  shard = os.path.basename(case.record.shard)
+  return f"{case.file_name}.{shard}.{case.record.offset}.{case.width}x{case.height}"
+
+
+class StainStore:
+  """Each case's `stain.case_statistics`, as `<case>.stain.json` in `folder`.
+
+  Computed from the decoded ROI on first use and kept; a file of another
+  version, or a damaged one, is computed again. Where `folder` cannot be
+  written the statistics live for this process only.
+  """
+
+  def __init__(self, folder: str | os.PathLike[str]):
+    self.folder = os.fspath(folder)
+    self.computed = 0
+    self._memory: dict[str, dict] = {}
+    self._told_read_only = False
+
+  def path(self, case) -> str:
+    return os.path.join(self.folder, case_key(case) + ".stain.json")
+
+  def get(self, case, load: Callable[[], np.ndarray]) -> dict:
+    """The statistics of `case`; `load()` decodes its ROI when they are unknown."""
+    path = self.path(case)
+    if path in self._memory:
+      return self._memory[path]
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+      found = atomic.read_json(path)
+      if found.get("version") == stain_lib.VERSION:
+        self._memory[path] = found
+        return found
+    found = stain_lib.case_statistics(load())
+    self.computed += 1
+    self._memory[path] = found
+    try:
+      os.makedirs(self.folder, exist_ok=True)
+      atomic.write_json(path, found, indent=None)
+    except OSError as e:  # A read-only dataset: computed again by the next run.
+      if not self._told_read_only:
+        logging.info("Stain statistics kept in memory only: %s (%s).", self.folder, e)
+        self._told_read_only = True
+    return found

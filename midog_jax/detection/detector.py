@@ -3,7 +3,9 @@
 `load_run` restores a run's best (or a given) checkpoint into the shapes of
 its own configuration, without TensorFlow or the dataset. `Detector` runs
 the jitted sliding-window detector on every local device; `images_from_files`
-and `split_images` feed it TIFFs or a dataset split.
+and `split_images` feed it TIFFs or a dataset split. A run trained with a
+stain normalisation (its stain.json) has every image normalised to its
+target first, from the image's own stain estimate, as training did.
 """
 
 from __future__ import annotations
@@ -23,13 +25,20 @@ from midog_jax import sharding
 from midog_jax.data import dataset
 from midog_jax.data import normalization as normalization_lib
 from midog_jax.data import roi_io
+from midog_jax.data import stain as stain_lib
 from midog_jax.detection import sliding_window
 from midog_jax.model import retinanet
-from midog_jax.training import checkpoints
 from midog_jax.training import optim
 from midog_jax.training import steps
 
 DEFAULT_OPERATING_POINT = 0.5  # The reference's `detect_thresh`.
+
+
+def _checkpoints():
+  """The checkpoint module, imported only for training runs: Orbax is slow to import
+  and a bundle (`bundle.py`) loads without it."""
+  from midog_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
+  return checkpoints
 
 
 @dataclasses.dataclass
@@ -54,14 +63,14 @@ def checkpoint_dir(workdir: str | None, checkpoint: str | None) -> tuple[str, st
       raise FileNotFoundError(
           f"{checkpoint}: expected WORKDIR/checkpoints/STEP with WORKDIR/config.json")
     if not os.path.isdir(checkpoint):
-      steps = checkpoints.RunCheckpoints(workdir, read_only=True).steps()
+      steps = _checkpoints().RunCheckpoints(workdir, read_only=True).steps()
       raise FileNotFoundError(f"{checkpoint}: no such checkpoint; the run has step(s) "
                               f"{', '.join(map(str, steps)) or 'none'}")
     return workdir, checkpoint
   workdir = os.path.abspath(workdir)
   if not os.path.exists(os.path.join(workdir, "config.json")):
     raise FileNotFoundError(f"{workdir}: not a training run (no config.json)")
-  ckpt = checkpoints.RunCheckpoints(workdir, read_only=True)
+  ckpt = _checkpoints().RunCheckpoints(workdir, read_only=True)
   try:
     step = ckpt.best_step()
     step = ckpt.latest_step() if step is None else step
@@ -84,6 +93,7 @@ def load_run(workdir: str | None = None, checkpoint: str | None = None) -> Loade
   workdir, ckpt = checkpoint_dir(workdir, checkpoint)
   config = ml_collections.ConfigDict(atomic.read_json(os.path.join(workdir, "config.json")))
   norm = normalization_lib.Normalization.load(os.path.join(workdir, "normalization.json"))
+  norm = with_stain(norm, os.path.join(workdir, "stain.json"))
   model_config = retinanet.RetinaNetConfig.from_config(config, pretrained=False)
   # The optimiser state is part of the checkpoint's tree; its length does not matter.
   tx = optim.from_config(config, total_steps=1)
@@ -92,9 +102,9 @@ def load_run(workdir: str | None = None, checkpoint: str | None = None) -> Loade
       jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
   try:
     if checkpoint:
-      step, restored = int(os.path.basename(ckpt)), checkpoints.read_state(ckpt, abstract)
+      step, restored = int(os.path.basename(ckpt)), _checkpoints().read_state(ckpt, abstract)
     else:
-      found = checkpoints.RunCheckpoints(workdir, read_only=True).restore_best(abstract)
+      found = _checkpoints().RunCheckpoints(workdir, read_only=True).restore_best(abstract)
       if found is None:  # Its steps were removed since `checkpoint_dir` looked.
         raise FileNotFoundError(f"{workdir}: no checkpoint in checkpoints/")
       step, restored = found
@@ -103,6 +113,19 @@ def load_run(workdir: str | None = None, checkpoint: str | None = None) -> Loade
     raise ValueError(f"{ckpt}: the checkpoint does not fit the run's config.json "
                      f"({first[:200]}); detect with the config.json it was trained with") from e
   return LoadedRun(workdir, step, config, norm, graphdef, restored.params, restored.batch_stats)
+
+
+def with_stain(norm: normalization_lib.Normalization, path: str
+                ) -> normalization_lib.Normalization:
+  """`norm` with the run's stain.json, where it has one (runs before it have none)."""
+  if not os.path.exists(path):
+    return norm
+  try:
+    run_stain = stain_lib.RunStain.from_json(atomic.read_json(path))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{path}: unreadable stain settings ({e}); it is written at the run's "
+                     "first start: restore it from a copy of the run") from None
+  return dataclasses.replace(norm, stain=run_stain)
 
 
 class Detector:
@@ -121,18 +144,30 @@ class Detector:
     self._weights = sharding.replicate((run.params, run.batch_stats), mesh)
     self.progress = progress  # A bar over each image's windows.
     self.min_overlap = run.config.eval.get("window_min_overlap", sliding_window.MIN_OVERLAP)
+    self.stain = run.normalization.stain  # stain.RunStain, or None.
+
+  def normalize(self, image: np.ndarray, params: np.ndarray | None = None) -> np.ndarray:
+    """`image` stain-normalised as the run's training images were (as is without a
+    stain normalisation). A whole slide's tiles pass the `params` estimated once
+    from its low-resolution level (`self.stain.image_params`)."""
+    return image if self.stain is None else self.stain.normalize(image, params)
+
+  def detect_windows(self, windows: np.ndarray):
+    """(centres, scores, valid) of a batch of uint8 windows: the device part alone."""
+    return self._fn(*self._weights, windows)
 
   def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    image = self.normalize(image)
     return sliding_window.detect_image(image, self._fn, *self._weights, self.patch,
                                        self.batch_size, min_overlap=self.min_overlap,
                                        progress=self.progress)
 
 
-def detect_all(detector: Detector, items: Iterable[tuple[str, np.ndarray]], total: int | None = None
-               ) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+def detect_all(detector: Detector, items: Iterable[tuple[str, np.ndarray]], total: int | None = None,
+               desc: str = "detect") -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
   """(name, image, xy, scores) per image, with progress over images (a bar on a
-  terminal, a line every 30 s in a log file)."""
-  for name, image in console.progress(items, total, "detect", "image"):
+  terminal, a line every 30 s in a log file) labelled `desc`."""
+  for name, image in console.progress(items, total, desc, "image"):
     xy, scores = detector(image)
     yield name, image, xy, scores
 

@@ -8,6 +8,9 @@ Rows are training sets (run `single_<slug>`, `without_<slug>` or
 `all_domains`), columns test tumour types. A cell is the mean and standard
 deviation over folds; a cell missing some of the requested folds says which
 folds it has and is marked, one with none is empty.
+
+Domain experiments (runs `domains_<ids>`) have their matrices in
+`domain_experiments`.
 """
 
 from __future__ import annotations
@@ -38,16 +41,19 @@ CSV_FIELDS = ("matrix", "metric", "train", "test", "mean", "std", "n_folds",
               "folds", "complete", "paper_mean", "paper_std")
 _TITLES = {"single_domain": "Single-domain training",
            "leave_one_out": "Leave-one-out training"}
-_METRIC_NAMES = {"f1": "F1", "ap": "AP"}
+METRIC_NAMES = {"f1": "F1", "ap": "AP"}
 
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
   """Test-split scores of one trained run (experiment × fold)."""
-  experiment: str  # "single_<slug>", "without_<slug>" or "all_domains".
+  experiment: str  # "single_<slug>", "without_<slug>", "all_domains" or "domains_<ids>".
   fold: int
   # {test_slug: {"f1", "ap", "tp", "fp", "fn"}}
   per_tumor: Mapping[str, Mapping[str, float]]
+  # {test domain id: the same}, and the run's stain switches ("none": the paper's).
+  per_domain: Mapping[str, Mapping[str, float]] | None = None
+  variant: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +111,7 @@ def parse_experiment(name: str) -> tuple[str, str]:
                    f"without_<tumour> or {ALL_DOMAINS}")
 
 
-def _value(scores: Mapping[str, float] | None, metric: str) -> float | None:
+def value_of(scores: Mapping[str, float] | None, metric: str) -> float | None:
   if scores is None or scores.get(metric) is None:
     return None
   v = float(scores[metric])
@@ -140,7 +146,7 @@ def matrices(results: Iterable[RunResult], folds: Sequence[int] = DEFAULT_FOLDS,
         per_fold = by_run.get((matrix, train), {})
         grid[train] = {}
         for test in domains.TUMOR_SLUGS:
-          present = [(k, _value(per_fold[k].get(test), metric)) for k in sorted(per_fold)]
+          present = [(k, value_of(per_fold[k].get(test), metric)) for k in sorted(per_fold)]
           present = [(k, v) for k, v in present if v is not None]
           grid[train][test] = Cell(matrix, metric, train, test,
                                    tuple(k for k, _ in present),
@@ -162,7 +168,7 @@ def row_label(matrix: str, train: str) -> str:
   return f"w/o {name}" if matrix == "leave_one_out" else name
 
 
-def _num(v: float | None) -> str:
+def csv_number(v: float | None) -> str:
   return "" if v is None else repr(float(v))
 
 
@@ -174,20 +180,20 @@ def write_csv(mats: Mapping, path: str, compare_paper: bool = False) -> str:
   w.writerow(CSV_FIELDS)
   for c in cells(mats):
     p = c.paper() if compare_paper else None
-    w.writerow([c.matrix, c.metric, c.train, c.test, _num(c.mean), _num(c.std),
+    w.writerow([c.matrix, c.metric, c.train, c.test, csv_number(c.mean), csv_number(c.std),
                 c.n_folds, ";".join(map(str, c.folds)), int(not c.marked),
-                _num(p and p["mean"]), _num(p and p["std"])])
+                csv_number(p and p["mean"]), csv_number(p and p["std"])])
   atomic.write_text(path, out.getvalue())
   return path
 
 
-def _fmt(mean: float | None, std: float | None) -> str:
+def format_cell(mean: float | None, std: float | None) -> str:
   if mean is None:
     return "–"
   return f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}")
 
 
-def _fold_list(folds: Sequence[int]) -> str:
+def fold_list(folds: Sequence[int]) -> str:
   return ", ".join(map(str, folds)) if folds else "none"
 
 
@@ -199,9 +205,9 @@ def markdown(mats: Mapping, compare_paper: bool = False) -> str:
       grid = mats[matrix][metric]
       any_cell = next(iter(next(iter(grid.values())).values()))
       requested, ddof = any_cell.requested, any_cell.ddof
-      parts.append(f"## {_TITLES[matrix]}: {_METRIC_NAMES[metric]} "
+      parts.append(f"## {_TITLES[matrix]}: {METRIC_NAMES[metric]} "
                    f"(paper Table {paper.table_number(matrix, metric)})\n")
-      parts.append(f"Mean ± std (ddof={ddof}) over folds {_fold_list(requested)}; "
+      parts.append(f"Mean ± std (ddof={ddof}) over folds {fold_list(requested)}; "
                    "rows: training set, columns: test tumour type.\n")
       cols = [domains.tumor_type(t).display for t in domains.TUMOR_SLUGS]
       lines = ["| training set | " + " | ".join(cols) + " |",
@@ -210,11 +216,11 @@ def markdown(mats: Mapping, compare_paper: bool = False) -> str:
       for train, row in grid.items():
         texts = []
         for c in row.values():
-          t = _fmt(c.mean, c.std)
+          t = format_cell(c.mean, c.std)
           if c.marked:
             t += f" {INCOMPLETE}"
           if compare_paper and (p := c.paper()) is not None:
-            t += f" (paper {_fmt(p['mean'], p['std'])})"
+            t += f" (paper {format_cell(p['mean'], p['std'])})"
           texts.append(t)
         lines.append(f"| {row_label(matrix, train)} | " + " | ".join(texts) + " |")
         notes += _row_notes(matrix, train, row)
@@ -238,7 +244,7 @@ def _row_notes(matrix: str, train: str, row: Mapping[str, Cell]) -> list[str]:
   for folds, tests in groups.items():
     where = ("all columns" if len(tests) == len(row) else
              "columns " + ", ".join(domains.tumor_type(t).display for t in tests))
-    notes.append(f"- {row_label(matrix, train)}: folds {_fold_list(folds)} "
+    notes.append(f"- {row_label(matrix, train)}: folds {fold_list(folds)} "
                  f"({where})")
   return notes
 
@@ -301,10 +307,10 @@ def plot_matrix(mats: Mapping, matrix: str, metric: str, path: str,
   ax.grid(which="minor", color="white", linewidth=1.5)
   ax.tick_params(which="minor", length=0)
   fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02,
-               label=f"mean {_METRIC_NAMES[metric]}")
+               label=f"mean {METRIC_NAMES[metric]}")
   requested = next(iter(grid[trains[0]].values())).requested
-  ax.set_title(f"{_TITLES[matrix]}: mean {_METRIC_NAMES[metric]} over folds "
-               f"{_fold_list(requested)}", fontsize=12, pad=12)
+  ax.set_title(f"{_TITLES[matrix]}: mean {METRIC_NAMES[metric]} over folds "
+               f"{fold_list(requested)}", fontsize=12, pad=12)
   if incomplete:
     fig.text(0.01, 0.01, f"{INCOMPLETE} fewer folds than requested; "
              "mean over the folds present (see the CSV).", fontsize=8)
@@ -328,3 +334,4 @@ def write_report(results: Iterable[RunResult], out_dir: str,
                                os.path.join(out_dir, f"{matrix}_{metric}.png"),
                                compare_paper))
   return paths
+

@@ -3,7 +3,11 @@
 For each run: detect on its validation fold and on the test split with the
 best checkpoint (predictions are cached in the run and recomputed only when
 the checkpoint changed), choose the threshold on the validation fold (best
-pooled F1, 0.50 to 0.99), and score the test cases per tumour type.
+pooled F1, 0.50 to 0.99), and score the test cases per tumour type and per
+domain. Runs with stain switches are told apart by their `variant`; the
+paper's matrices are written per variant (the paper's, "none", in the report
+folder, others in a subfolder of their name), the domain experiments' in
+`domain_experiments.*`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from midog_jax.data import dataset
 from midog_jax.data import roi_store
 from midog_jax.detection import detector as detector_lib
 from midog_jax.detection import predictions
+from midog_jax.evaluation import domain_experiments
 from midog_jax.evaluation import domain_matrix
 from midog_jax.evaluation import metrics
 from midog_jax.training import checkpoints
@@ -55,8 +60,10 @@ def _detections(run, cases, rois: roi_store.RoiCache, name: str, make_detector) 
           return {k: (v.xy, v.scores) for k, v in cached.items()}
     except (ValueError, predictions.PredictionError):
       pass  # A damaged cache is made again.
+  label = "/".join(os.path.normpath(run.workdir).split(os.sep)[-2:])  # experiment/foldK
   found = {name_: (xy, s) for name_, _, xy, s in detector_lib.detect_all(
-      make_detector(), ((c.file_name, rois.get(c.case_id)) for c in cases), len(cases))}
+      make_detector(), ((c.file_name, rois.get(c.case_id)) for c in cases), len(cases),
+      desc=f"detect {label} {name}")}
   os.makedirs(folder, exist_ok=True)
   predictions.write_predictions(path, found, um)
   atomic.write_json(stamp_path, stamp)  # After the predictions: a kill between leaves no stamp.
@@ -72,7 +79,24 @@ def _stamp(run, cases) -> dict:
           "patch_size": c.patch_size, "model": c.model.to_dict(), "eval": {
               k: c.eval[k] for k in ("score_threshold", "max_detections_per_window")},
           "normalization": run.normalization.to_json(),
-          "cases": [[x.file_name, x.record.shard, x.record.offset] for x in cases]}
+          "cases": [[x.file_name, x.record.shard, x.record.offset] for x in cases],
+          # Only with a stain switch: stamps of other runs stay valid.
+          **({"stain": run.normalization.stain.to_json()}
+             if run.normalization.stain is not None else {})}
+
+
+def variant(config) -> str:
+  """The run's stain switches as a name: "none" (the paper's), or e.g.
+  "macenko", "hed_light", "randstainna_lab", "macenko+hed_strong"."""
+  parts = []
+  if config.get("stain_normalization", "none") != "none":
+    parts.append(config["stain_normalization"])
+  augment = config.get("augment", {})
+  if augment.get("randstainna", "none") != "none":
+    sigma = augment.get("randstainna_sigma", 1.0)
+    parts.append(f"randstainna_{augment['randstainna']}" + ("" if sigma == 1.0 else f"_{sigma:g}"))
+  parts += list(augment.get("colour", ()))
+  return "+".join(parts) or "none"
 
 
 # Which checkpoint of a run `eval --runs` scores: the one model selection kept
@@ -110,11 +134,13 @@ def evaluate_run(workdir: str, rois: roi_store.RoiCache, train_cases, test_cases
   valid = _detections(run, valid_cases, rois, f"valid{suffix}", make_detector)
   threshold, valid_f1 = metrics.choose_threshold(_scored(valid_cases, valid))
   test = _detections(run, test_cases, rois, f"test{suffix}", make_detector)
-  report = metrics.summarize(_scored(test_cases, test), [c.tumor for c in test_cases],
-                             threshold, [c.file_name for c in test_cases])
+  scored, names = _scored(test_cases, test), [c.file_name for c in test_cases]
+  report = metrics.summarize(scored, [c.tumor for c in test_cases], threshold, names)
+  by_domain = metrics.summarize(scored, [c.domain for c in test_cases], threshold, names)
   result = {"experiment": meta["experiment"], "fold": meta["fold"], "checkpoint": checkpoint,
-            "checkpoint_step": run.step, "threshold": threshold, "valid_f1": valid_f1,
-            "test": report}
+            "checkpoint_step": run.step, "variant": variant(run.config),
+            "threshold": threshold, "valid_f1": valid_f1, "test": report,
+            "test_domains": by_domain["tumor_types"]}  # Its groups are the domains.
   summary = atomic.read_json(os.path.join(workdir, "summary.json"))
   if summary.get("selection_warning"):
     result["selection_warning"] = summary["selection_warning"]
@@ -151,19 +177,38 @@ def evaluate_all(root: str, out_dir: str, data_dir: str | None = None,
   rois = roi_store.RoiCache(lambda i: reader(all_cases[i]), cache_bytes)
   results, evaluations = [], []
   # Even with every prediction cached, loading each run takes a second or two.
-  bar = console.Progress(len(runs), "eval", "run", interval=10.0)
+  bar = console.Progress(len(runs), "evaluated", "run", interval=10.0)
   for workdir in runs:
-    bar.set_postfix(os.path.relpath(workdir, root))
     ev = evaluate_run(workdir, rois, train_cases, test_cases, checkpoint)
     bar.update(1)
     if checkpoint == "best" and ev.get("selection_warning"):
       bar.write(f"warning: {os.path.relpath(workdir, root)}: {ev['selection_warning']}")
     evaluations.append({"workdir": os.path.relpath(workdir, root), **metrics.json_safe(ev)})
-    per_tumor = {t: {k: m[k] for k in ("f1", "ap", "tp", "fp", "fn")}
-                 for t, m in ev["test"]["tumor_types"].items()}
-    results.append(domain_matrix.RunResult(ev["experiment"], ev["fold"], per_tumor))
+    keep = lambda groups: {g: {k: m[k] for k in ("f1", "ap", "tp", "fp", "fn")}
+                           for g, m in groups.items()}
+    results.append(domain_matrix.RunResult(ev["experiment"], ev["fold"],
+                                           keep(ev["test"]["tumor_types"]),
+                                           keep(ev["test_domains"]), ev["variant"]))
   bar.close()
   os.makedirs(out_dir, exist_ok=True)
   atomic.write_json(os.path.join(out_dir, "runs.json"), evaluations)
-  return [os.path.join(out_dir, "runs.json")] + list(
-      domain_matrix.write_report(results, out_dir, compare_paper=compare_paper, folds=folds))
+  return [os.path.join(out_dir, "runs.json")] + write_reports(results, out_dir, compare_paper,
+                                                               folds)
+
+
+def write_reports(results: list[domain_matrix.RunResult], out_dir: str, compare_paper: bool,
+                  folds) -> list[str]:
+  """The paper's matrices per variant and the domain experiments' matrices; the paths."""
+  by_domain = [r for r in results if domain_experiments.is_domain_experiment(r.experiment)]
+  paper_runs = [r for r in results if not domain_experiments.is_domain_experiment(r.experiment)]
+  paths = []
+  if paper_runs or not by_domain:
+    variants = sorted({r.variant for r in paper_runs} or {"none"}, key=lambda v: (v != "none", v))
+    for name in variants:
+      paths += domain_matrix.write_report(
+          [r for r in paper_runs if r.variant == name],
+          out_dir if name == "none" else os.path.join(out_dir, name),
+          compare_paper=compare_paper, folds=folds)
+  if by_domain:
+    paths += domain_experiments.write_domain_report(by_domain, out_dir, folds)
+  return paths

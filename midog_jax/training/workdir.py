@@ -1,7 +1,7 @@
 """A run's work directory: one process at a time, one configuration for life.
 
 A workdir records what it trains (config.json, cases.json,
-normalization.json) at its first start. A later start with a configuration
+normalization.json, and stain.json with a stain switch) at its first start. A later start with a configuration
 that changes the result is refused with the differing fields listed; only
 fields that cannot change the result may differ. An exclusive lock
 (`flock`, released by the kernel when its process dies, so a killed run
@@ -29,7 +29,9 @@ NEUTRAL_FIELDS = frozenset({
 
 # Fields added to the configuration after runs were recorded without them,
 # with the value those runs had: such a run resumes unchanged.
-ADDED_FIELDS = {"model.backbone": "resnet18", "augment.colour": []}
+ADDED_FIELDS = {"model.backbone": "resnet18", "augment.colour": [], "domains": "all",
+                "stain_normalization": "none", "augment.randstainna": "none",
+                "augment.randstainna_sigma": 1.0}
 
 TRAIN_LOCK = ".lock"  # Held by the training process.
 CLAIM_LOCK = ".claim"  # Held by the launcher that started it.

@@ -1,7 +1,10 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
 from midog_jax.data import normalization
+from midog_jax.data import stain
 
 
 def test_pooled_equals_stats_over_all_pixels(tmp_path):
@@ -23,3 +26,14 @@ def test_errors():
     normalization.tissue_weighted([[1, 2, 3]], [[1, 1, 1]], [0])
   with pytest.raises(ValueError, match="expected"):
     normalization.tissue_weighted([[1, 2]], [[1, 1]], [1])
+
+
+def test_a_stain_switch_rides_along_but_stays_out_of_normalization_json(tmp_path):
+  plain = normalization.Normalization((200.0, 150.0, 190.0), (30.0, 40.0, 30.0))
+  with_stain = dataclasses.replace(plain, stain=stain.RunStain("reinhard", {
+      "mean": [70.0, 20.0, -10.0], "std": [10.0, 5.0, 5.0]}))
+  assert with_stain.to_json() == plain.to_json() == {"mean": [200.0, 150.0, 190.0],
+                                                     "std": [30.0, 40.0, 30.0]}
+  with_stain.save(tmp_path / "n.json")
+  loaded = normalization.Normalization.load(tmp_path / "n.json")
+  assert loaded == plain and loaded.stain is None and with_stain != plain

@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import math
 import os
 import re
+import shutil
 import struct
 
 import numpy as np
 import pytest
 
+from configs import default
+from configs import leave_one_domain_out
 from midog_jax import domains
+from midog_jax.data import augment
+from midog_jax.data import dataset
+from midog_jax.data import roi_store
+from midog_jax.data import stain
+from midog_jax.detection import detector
+from midog_jax.evaluation import domain_experiments
 from midog_jax.evaluation import domain_matrix as dm
 from midog_jax.evaluation import paper
+from midog_jax.evaluation import runs
+from midog_jax.training import inputs
+from midog_jax.training import steps
+from midog_jax.training import workdir as workdir_lib
 
 SLUGS = domains.TUMOR_SLUGS
 MAST, NEURO, LYMPH = ("canine_mast_cell_tumor", "human_neuroendocrine_tumor",
@@ -282,3 +297,179 @@ def test_markdown_without_paper_has_no_paper_values():
   md = dm.markdown(mats, compare_paper=False)
   assert "(paper 0" not in md and dm.INCOMPLETE not in md.split("## ")[1]
   assert not math.isnan(mats["single_domain"]["ap"]["human_melanoma"][NEURO].mean)
+
+
+# ---------------------------------------------------------------- domain experiments
+
+
+def _domain_results(rows, folds) -> list[dm.RunResult]:
+  """One result per (training domains, variant) and fold, with known per-domain values."""
+  out = []
+  for train, variant in rows:
+    for k in folds:
+      per_domain = {d: _scores(_value(train + variant, k, j, "f1"),
+                               _value(train + variant, k, j, "ap"))
+                    for j, d in enumerate(domains.DOMAIN_IDS)}
+      out.append(dm.RunResult(f"domains_{train}", k, {}, per_domain, variant))
+  return out
+
+
+def test_domain_matrices_and_the_held_out_table(tmp_path):
+  rows = [("1a+1b", "none"), ("1a+1b", "macenko"), ("1b+1c", "none"), ("6a", "hed_light")]
+  results = _domain_results(rows, (0, 1))
+  results = [r for r in results if not (r.variant == "hed_light" and r.fold == 1)]
+  mats = domain_experiments.domain_matrices(results, folds=(0, 1))
+  assert list(mats["f1"]) == [("1a+1b", "none"), ("1a+1b", "macenko"), ("1b+1c", "none"),
+                              ("6a", "hed_light")]
+  c = mats["f1"][("1a+1b", "macenko")]["1c"]
+  j = domains.DOMAIN_IDS.index("1c")
+  want = [_value("1a+1bmacenko", k, j, "f1") for k in (0, 1)]
+  assert c.folds == (0, 1) and c.mean == pytest.approx(np.mean(want))
+  assert c.std == pytest.approx(np.std(want))
+  assert mats["ap"][("6a", "hed_light")]["7"].marked  # Fold 1 missing.
+  assert domains.parse_domain_ids("1B, 1a") == ("1a", "1b") and domains.parse_domain_ids("all") is None
+  assert domains.parse_domain_set(domains.domain_set_name(["6b", "1c"])) == ("1c", "6b")
+  with pytest.raises(KeyError, match="unknown domain '9z'"):
+    domains.parse_domain_ids("1a,9z")
+  assert domain_experiments.held_out("1a+1b") == ("1c",)
+  assert domain_experiments.held_out("6a") == ("6b",)
+  assert domain_experiments.held_out("1a+1b+1c+2") == ()
+  table = domain_experiments.switch_table(mats)
+  assert set(table["f1"]) == {("1a+1b", "1c"), ("1b+1c", "1a"), ("6a", "6b")}
+  assert table["f1"][("1a+1b", "1c")]["macenko"] is c
+  assert set(table["f1"][("1a+1b", "1c")]) == {"none", "macenko"}
+  paths = domain_experiments.write_domain_report(results, str(tmp_path), folds=(0, 1))
+  assert sorted(os.path.basename(p) for p in paths) == ["domain_experiments.csv",
+                                                        "domain_experiments.md"]
+  with open(tmp_path / "domain_experiments.csv", encoding="utf-8") as f:
+    csv_rows = list(csv.DictReader(f))
+  assert tuple(csv_rows[0]) == domain_experiments.DOMAIN_CSV_FIELDS
+  held = [r for r in csv_rows if r["table"] == "held_out"]
+  assert len(held) == 2 * (2 + 1 + 1)  # F1 and AP x the (training set, variant) pairs.
+  row = next(r for r in held if (r["metric"], r["train"], r["variant"], r["test"])
+             == ("f1", "1a+1b", "macenko", "1c"))
+  assert float(row["mean"]) == pytest.approx(np.mean(want)) and row["complete"] == "1"
+  assert len([r for r in csv_rows if r["table"] == "domains"]) == 2 * 4 * len(domains.DOMAIN_IDS)
+  md = (tmp_path / "domain_experiments.md").read_text(encoding="utf-8")
+  assert "| training domains | held-out domain | none | hed_light | macenko |" in md
+  assert f"| 1a+1b | 1c | {dm.format_cell(*_mean_std([_value('1a+1bnone', k, j, 'f1') for k in (0, 1)]))}" in md
+  with pytest.raises(ValueError, match="two results"):
+    domain_experiments.domain_matrices(results + results[:1])
+
+
+def _mean_std(values):
+  return float(np.mean(values)), float(np.std(values))
+
+
+def test_reports_are_split_by_variant_and_kind(tmp_path, monkeypatch):
+  """Paper runs with a stain switch go to a subfolder; domain runs to their own files."""
+  monkeypatch.setattr(dm, "plot_matrix", lambda mats, matrix, metric, path, *a: path)  # Fast.
+  results = (_results(["all_domains"], (0,))
+             + [dataclasses.replace(r, variant="hed_light")
+                for r in _results(["all_domains"], (0,))]
+             + _domain_results([("1a+1b", "none")], (0,)))
+  paths = runs.write_reports(results, str(tmp_path), compare_paper=False, folds=(0,))
+  names = {os.path.relpath(p, tmp_path) for p in paths}
+  assert {"domain_matrices.csv", "hed_light/domain_matrices.csv",
+          "domain_experiments.csv"} <= names
+  only_domains = tmp_path / "only"
+  paths = runs.write_reports(_domain_results([("1a+1b", "none")], (0,)), str(only_domains),
+                             compare_paper=False, folds=(0,))
+  assert sorted(os.listdir(only_domains)) == ["domain_experiments.csv", "domain_experiments.md"]
+  config = {"stain_normalization": "macenko", "augment": {
+      "randstainna": "lab", "randstainna_sigma": 0.5, "colour": ["hed_light"]}}
+  assert runs.variant(config) == "macenko+randstainna_lab_0.5+hed_light"
+  assert runs.variant({"augment": {"colour": []}}) == "none"  # A run from before the switches.
+
+
+def test_a_leave_one_scanner_out_run_with_every_kind_of_switch(plan_runs, synthetic_data_dir,
+                                                               tmp_path, monkeypatch):
+  """A run of domains 1a and 1b with Macenko, RandStainNA and HED: its data, the
+  plumbing to the device, its files; detection normalises as it trained; the report.
+
+  The network is one of the session's tiny runs, moved into this run's files: the
+  stain switches change the images it sees, not the checkpoint's shapes.
+  """
+  config = leave_one_domain_out.get_config("1c,macenko")
+  assert (config.experiment, config.domains, config.tumor_types) == (
+      "domains_1a+1b", "1a,1b", "human_breast_carcinoma")
+  tiny = dict(data_dir=synthetic_data_dir, patch_size=64, batch_size=8, num_folds=2,
+              train_patches_per_epoch=16, valid_patches_per_epoch=8, num_epochs=2, prefetch=0,
+              cache_bytes=1 << 26, input_workers=1, decoded_dir=str(tmp_path / "decoded"))
+  for k, v in tiny.items():
+    config[k] = v
+  config.model.body_weights = "none"
+  config.eval.update(batch_size=8, window_min_overlap=0)
+  config.augment.update(randstainna="lab", colour=("hed_light",))
+  data = inputs.build(config)
+  run_stain = data.normalization.stain
+  assert run_stain.normalization == "macenko" and run_stain.space == "lab"
+  cases = {c.file_name: c for c in dataset.read_cases(synthetic_data_dir, "train")}
+  assert {cases[n].domain for n in data.meta["train"] + data.meta["valid"]} == {"1a", "1b"}
+  assert data.meta["domains"] == ["1a", "1b"]
+  # Each patch carries its case's params to the device step, the run's statistics too.
+  batch = next(data.train.host_batches())
+  by_id = {c.case_id: c for c in cases.values()}
+  for case_id, params in zip(batch["case_id"], batch["stain"]):
+    stats = stain.case_statistics(dataset.RoiReader(synthetic_data_dir)(by_id[case_id]))
+    np.testing.assert_allclose(params, run_stain.case_params(stats), atol=1e-6)
+  seen = {}
+  monkeypatch.setattr(augment, "augment_batch", lambda *a, **kw: seen.update(kw))
+  steps._targets(batch, 64, data.normalization, augment.AugmentConfig.from_config(config),
+                 np.float32, None)
+  assert seen["stain"] is batch["stain"] and seen["config"].stain_normalization == "macenko"
+  np.testing.assert_array_equal(seen["randstainna_stats"],
+                                np.asarray(run_stain.distribution, np.float32))
+  monkeypatch.undo()
+  # The run's files: stain.json with the others; a second start finds them the same.
+  # (normalization.json stays the network's own: its checkpoint was trained with it.)
+  workdir = tmp_path / "runs" / "without_domain_1c" / "macenko" / "fold0"
+  shutil.copytree(plan_runs / "all_domains" / "fold0", workdir)
+  files = {"config.json": json.loads(config.to_json_best_effort()), **data.run_files()}
+  assert files["stain.json"] == run_stain.to_json()
+  del files["normalization.json"]
+  for name, value in files.items():
+    (workdir / name).write_text(json.dumps(value))
+  assert workdir_lib.check(str(workdir), files, resume_anyway=False) == []
+  # A run recorded before the switches (no such fields) resumes unchanged.
+  current = json.loads(default.get_config().to_json_best_effort())
+  old = {k: v for k, v in current.items() if k not in ("domains", "stain_normalization")}
+  old["augment"] = {k: v for k, v in current["augment"].items() if "randstainna" not in k}
+  assert workdir_lib.differences(old, current) == []
+  # Detection normalises each image to the run's target, from its own estimate.
+  run = detector.load_run(str(workdir))
+  assert run.normalization.stain == run_stain
+  test_case = next(c for c in dataset.read_cases(synthetic_data_dir, "test") if c.domain == "1c")
+  image = dataset.RoiReader(synthetic_data_dir)(test_case)
+  normalised = detector.Detector(run).normalize(image)
+  np.testing.assert_array_equal(normalised, run_stain.normalize(image))
+  assert np.abs(normalised.astype(int) - image).mean() > 1.0
+  # Scored as `eval --runs` scores it (the breast test cases only, to keep it short).
+  train_cases, test_cases = (dataset.read_cases(synthetic_data_dir, s) for s in ("train", "test"))
+  breast = [c for c in test_cases if c.domain in ("1a", "1b", "1c")]
+  reader = dataset.RoiReader(synthetic_data_dir)
+  by_id = {c.case_id: c for c in train_cases + test_cases}
+  rois = roi_store.RoiCache(lambda i: reader(by_id[i]), 1 << 26)
+  ev = runs.evaluate_run(str(workdir), rois, train_cases, breast)
+  stamp = json.loads((workdir / "predictions" / "test.stamp.json").read_text())
+  assert stamp["stain"] == run_stain.to_json()  # The copied run's predictions were made again.
+  assert ev["variant"] == "macenko+randstainna_lab+hed_light"
+  assert set(ev["test_domains"]) == {"1a", "1b", "1c"}
+  assert sum(m["tp"] for m in ev["test_domains"].values()) == ev["test"]["overall"]["tp"]
+  keep = lambda groups: {g: {k: m[k] for k in ("f1", "ap", "tp", "fp", "fn")}
+                         for g, m in groups.items()}
+  result = dm.RunResult(ev["experiment"], ev["fold"], keep(ev["test"]["tumor_types"]),
+                        keep(ev["test_domains"]), ev["variant"])
+  out = tmp_path / "report"
+  runs.write_reports([result], str(out), compare_paper=False, folds=(0,))
+  assert sorted(os.listdir(out)) == ["domain_experiments.csv", "domain_experiments.md"]
+  with open(out / "domain_experiments.csv", encoding="utf-8") as f:
+    held = [r for r in csv.DictReader(f) if r["table"] == "held_out"]
+  assert [(r["metric"], r["train"], r["variant"], r["test"]) for r in held] == [
+      (m, "1a+1b", ev["variant"], "1c") for m in ("f1", "ap")]
+  for r in held:
+    value = ev["test_domains"]["1c"][r["metric"]]
+    if math.isnan(value):  # Undefined (no figure, no detection): an empty cell.
+      assert r["mean"] == ""
+    else:
+      assert float(r["mean"]) == pytest.approx(value)
