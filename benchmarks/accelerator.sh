@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every accelerator measurement in one go (about 10 minutes on one H100/H200).
+# Every accelerator measurement in one go (about 25 minutes on one H100/H200, the run
+# groups' compilations a good part of it).
 #
 #   bash benchmarks/accelerator.sh            # writes to $OUT (default ./accel_out)
 #   bash benchmarks/accelerator.sh --check    # only checks the Python packages
@@ -12,7 +13,8 @@
 # Runs from the repository root without installing it (PYTHONPATH=.). Needs
 # JAX, Flax, Optax, NumPy, SciPy, tqdm and etils (Flax's own dependency);
 # compare.py also PyTorch (with torchvision if present); trainer_overhead.py
-# also ml_collections and Orbax. Imports no TensorFlow. A step whose packages are missing is skipped
+# also ml_collections and Orbax; group_step.py (a run group's step against
+# its runs one after another) also ml_collections. Imports no TensorFlow. A step whose packages are missing is skipped
 # and named; a step that fails does not stop the others. Each step writes
 # NAME.txt (its output) and NAME.json (its figures) under $OUT, and
 # summary.json lists them all.
@@ -55,10 +57,12 @@ CORE="numpy jax flax optax scipy tqdm etils"
 core_missing=$(missing $CORE)
 torch_missing=$(missing torch)
 trainer_missing=$(missing ml_collections orbax.checkpoint)
+group_missing=$(missing ml_collections)
 echo "missing for every step: ${core_missing:-none}"
 tv=$([ -z "$(missing torchvision)" ] && echo present || echo "absent: ResNet18 built by hand")
 echo "missing for compare.py: ${torch_missing:-none} (torchvision: $tv)"
 echo "missing for trainer_overhead.py: ${trainer_missing:-none}"
+echo "missing for group_step.py: ${group_missing:-none}"
 if [ -n "$core_missing" ]; then
   echo "ERROR: missing Python packages: $core_missing (pure-Python ones can be copied" \
        "with 'accelerator.sh --vendor DIR' elsewhere and EXTRA_PYTHONPATH=DIR here)" >&2
@@ -69,10 +73,12 @@ fi
 # The real sizes, or tiny ones that check the wiring on a CPU in a few minutes.
 PATCH=512 DTYPE=bfloat16 DEVICE=cuda BATCHES="12 64" WARMUP=5 STEPS=30 ROI=""
 TRAINER="--patch 512 --batch 12 --epochs 4" DETECT="--batch 64" T=1
+GROUP="--batch 12 --groups 1,2,5,8,15 --unmapped 2,5 --host-steps 20"
 if [ "${1:-}" = "--smoke" ]; then
   PATCH=64 DTYPE=float32 DEVICE=cpu BATCHES="2 4" WARMUP=1 STEPS=1
   ROI="--width 300 --height 200" DETECT="--batch 4" T=4
   TRAINER="--patch 64 --batch 4 --epochs 2 --patches 16 --cases 2 --roi 256 --steps 2"
+  GROUP="--batch 2 --groups 1,2 --unmapped 2 --host-steps 2 --roi 512"
   export CUDA_VISIBLE_DEVICES=""
 fi
 
@@ -122,6 +128,15 @@ if [ -z "$trainer_missing" ]; then
 else
   skip trainer_overhead "$trainer_missing"
 fi
+# Run groups at the paper's batch: K runs in one program against K runs one after
+# another, each group size on its own (an out-of-memory K is reported, the others go on);
+# groups of 2 and 5 also with their runs' passes unmapped (if batched convolutions are slow).
+if [ -z "$group_missing" ]; then
+  step group_step $((1500 * T)) "$PY" $B/group_step.py --patch $PATCH --dtype $DTYPE \
+    --warmup $WARMUP --steps $STEPS $GROUP --json "$OUT/group_step.json"
+else
+  skip group_step "$group_missing"
+fi
 # A trace of the small-batch train step, for the next optimisation (JAX profiler).
 b=${BATCHES%% *}
 step "profile_b$b" $((120 * T)) "$PY" $B/model_step.py --patch $PATCH --batch $b \
@@ -140,11 +155,20 @@ summary["status"] = [line.split("\t") for line in (out / "status.tsv").read_text
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 step = load("model_step_b12") or load("model_step_b2")
 det = load("detect")
+group = load("group_step")
 if step and det:
   flags = ["--train-img-s", str(step["train"]), "--forward-img-s", str(step["forward"]),
            "--detect-windows-s", str(det["windows_per_second"]), "--host-patches-s", "2160"]
   print("reproduce_time.py", " ".join(flags))
   subprocess.run([sys.executable, "benchmarks/reproduce_time.py", *flags], check=False)
+  # Grouped: each measured group size, its host rate where it was measured.
+  for k, row in sorted((group or {}).get("groups", {}).items(), key=lambda kv: int(kv[0])):
+    if int(k) < 2 or not row.get("img_s"):
+      continue
+    grouped = flags[:-2] + ["--host-patches-s", str(row.get("host_crops_s", 2160)),
+                            "--group", str(k), "--group-img-s", str(row["img_s"])]
+    print("reproduce_time.py", " ".join(grouped))
+    subprocess.run([sys.executable, "benchmarks/reproduce_time.py", *grouped], check=False)
 else:
   print("reproduce_time.py: no train-step or detection figures were measured")
 EOF

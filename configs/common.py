@@ -7,6 +7,7 @@
 import ml_collections
 
 from configs import all_domains
+from configs import leave_one_domain_out
 from configs import leave_one_out
 from configs import single_domain
 
@@ -39,8 +40,9 @@ def experiment_config(spec: str | None) -> ml_collections.ConfigDict:
   kind, _, arg = (spec or "all_domains").partition("=")
   makers = {"all_domains": lambda a: all_domains.get_config(),
             "single_domain": single_domain.get_config,
-            "leave_one_out": leave_one_out.get_config}
+            "leave_one_out": leave_one_out.get_config,
+            "leave_one_domain_out": leave_one_domain_out.get_config}
   if kind not in makers or (kind != "all_domains") != bool(arg):
     raise ValueError(f"experiment {spec!r}: expected all_domains, single_domain=<tumour "
-                     "type> or leave_one_out=<tumour type>")
+                     "type>, leave_one_out=<tumour type> or leave_one_domain_out=<domain>[,switch]")
   return makers[kind](arg) if arg else makers[kind](None)

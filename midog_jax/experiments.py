@@ -4,11 +4,12 @@
       --splits datasets_xvalidation.csv --tumor-types all --json
   python -m midog_jax.experiments run --plan paper --workdir W \
       --data-dir D [--folds 0,1,2,3,4] [--hardware gpu] [--set num_epochs=200] \
-      [--parallel 4] [--shard 0/3]
+      [--group 5] [--parallel 4] [--shard 0/3]
 
 `run` trains every run of the plan (or of its `--shard`) that is neither
 finished nor running, `--parallel` at once, each a subprocess pinned to one
-device; several launchers never train a run twice (midog_jax/training/launcher.py).
+device; `--group K` trains K runs in each subprocess, together in one
+program; several launchers never train a run twice (midog_jax/training/launcher.py).
 Only light modules are imported up front, so `--help` answers at once.
 """
 
@@ -25,7 +26,7 @@ from midog_jax.training import launcher
 
 def _run(args: argparse.Namespace) -> int:
   launch = launcher.Launch(args.workdir, args.data_dir, args.hardware, tuple(args.set),
-                           args.parallel)
+                           args.parallel, args.group)
   return launcher.run_plan(launch, args.plan, [int(f) for f in args.folds.split(",")],
                            args.shard)
 
@@ -59,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=_folds)
 
   r = sub.add_parser("run", help="train every (experiment, fold) of a plan not yet done")
-  r.add_argument("--plan", required=True, choices=launcher.PLANS)
+  r.add_argument("--plan", required=True, choices=launcher.PLANS,
+                 help="the runs: one tumour type each (single_domain), all but one "
+                 "(leave_one_out), all types (all), or the 15 experiments of the paper")
   r.add_argument("--workdir", required=True, help="runs go to WORKDIR/<experiment>/fold<k>")
   r.add_argument("--data-dir", default=None, help="TFDS data dir holding midogpp")
   r.add_argument("--folds", default="0,1,2,3,4", help="comma-separated folds")
@@ -68,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override for every run, e.g. num_epochs=200")
   r.add_argument("--parallel", type=int, default=1, metavar="N",
-                 help="runs trained at once, each a process on one device (GPU, TPU chip; "
-                 "on the CPU, N processes)")
+                 help="processes trained at once, each on one device (GPU, TPU chip; on the "
+                 "CPU, N processes)")
+  r.add_argument("--group", type=int, default=1, metavar="K",
+                 help="runs per process, trained together in one program (a run group, in "
+                 "plan order): fills a large accelerator at the paper's batch; 1 on a CPU")
   r.add_argument("--shard", default=None, metavar="I/N",
                  help="train only the I-th (from 0) of N disjoint parts of the plan, e.g. "
                  "${SLURM_ARRAY_TASK_ID}/${SLURM_ARRAY_TASK_COUNT}")

@@ -1,4 +1,7 @@
-"""Per-epoch metrics of a run: JSON lines and TensorBoard event files."""
+"""Per-epoch metrics of a run: JSON lines and TensorBoard event files; its summary as text.
+
+Imports nothing heavy: the `train` command formats its result with it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import os
 from typing import Any
 
 from midog_jax import atomic
+from midog_jax import console
 
 
 class MetricWriter:
@@ -77,3 +81,24 @@ def _ends_cleanly(path: str) -> bool:
       return True
     f.seek(-1, os.SEEK_END)
     return f.read(1) == b"\n"
+
+
+def format_summary(summary: dict[str, Any], workdir: str) -> str:
+  """The run's result as a few aligned lines."""
+  if summary.get("status") != "finished":
+    return (f"run     {workdir}\nstatus  {summary.get('status')} at step {summary.get('step')}; "
+            "run the same command again to resume")
+  final = summary.get("final") or {}
+  rows = [("run", workdir), ("status", "finished"),
+          ("epochs", f"{summary.get('epochs')} ({summary.get('steps')} steps)"),
+          *((f"{k} loss", ("n/a" if final.get(f"{k}_loss") is None
+                           else format(final[f"{k}_loss"], ".4f")) + " (last epoch)")
+            for k in ("train", "valid"))]
+  if summary.get("best_valid_ap") is not None:
+    rows.append(("best valid AP", f"{summary['best_valid_ap']:.4f} at step "
+                 f"{summary.get('best_step')} (the checkpoint detection uses)"))
+  rows.append(("training time", console.format_duration(summary.get("train_seconds") or 0)))
+  if summary.get("selection_warning"):
+    rows.append(("warning", summary["selection_warning"]))
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -9,16 +9,19 @@ the global batch.
 
 `make_train_step` takes normalised images and boxes; the `make_batch_*`
 functions take the input pipeline's batches (uint8 crops, object centres)
-and augment on the device inside the same program.
+and augment on the device inside the same program. `make_group_train_step`
+trains K runs of one network in one program, their states stacked on a
+leading run axis (a run group, `group.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -71,19 +74,15 @@ def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
   return nnx.merge(graphdef, state.params, state.batch_stats)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    loss_config: losses.LossConfig = losses.LossConfig(),
-                    mesh: Mesh | None = None, donate: bool = True
-                    ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-  """A jitted `step(state, images, gt_boxes, gt_valid) -> (state, metrics)`.
+def loss_and_grads(graphdef: nnx.GraphDef, loss_config: losses.LossConfig
+                   ) -> Callable[..., tuple[nnx.State, nnx.State, dict[str, jax.Array]]]:
+  """`grads(params, batch_stats, images, gt_boxes, gt_valid) -> (grads, batch_stats, metrics)`.
 
-  images [B, H, W, 3] float, already normalised; gt_boxes [B, N, 4] as
-  (x1, y1, x2, y2) pixels; gt_valid [B, N] bool. Metrics are the batch's
-  loss, focal, box and num_positives. The input state is donated.
+  Pure (not jitted): the forward and backward pass of one run, which a group
+  of runs maps over its run axis.
   """
 
-  def step(state: TrainState, images: jax.Array, gt_boxes: jax.Array,
-           gt_valid: jax.Array):
+  def grads(params, batch_stats, images, gt_boxes, gt_valid):
     image_hw = images.shape[1:3]
 
     def loss_fn(params, batch_stats):
@@ -95,10 +94,39 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
           gt_valid, image_hw, loss_config)
       return loss, (nnx.state(model, nnx.BatchStat), metrics)
 
-    grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    g, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(params, batch_stats)
+    return g, batch_stats, metrics
+
+  return grads
+
+
+def apply_updates(tx: optax.GradientTransformation) -> Callable:
+  """`update(grads, params, opt_state) -> (params, opt_state)`: one optimiser step, pure."""
+
+  def update(grads, params, opt_state):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return update
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    loss_config: losses.LossConfig = losses.LossConfig(),
+                    mesh: Mesh | None = None, donate: bool = True
+                    ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """A jitted `step(state, images, gt_boxes, gt_valid) -> (state, metrics)`.
+
+  images [B, H, W, 3] float, already normalised; gt_boxes [B, N, 4] as
+  (x1, y1, x2, y2) pixels; gt_valid [B, N] bool. Metrics are the batch's
+  loss, focal, box and num_positives. The input state is donated.
+  """
+  grads_fn, update = loss_and_grads(graphdef, loss_config), apply_updates(tx)
+
+  def step(state: TrainState, images: jax.Array, gt_boxes: jax.Array,
+           gt_valid: jax.Array):
+    grads, batch_stats, metrics = grads_fn(state.params, state.batch_stats, images, gt_boxes,
+                                           gt_valid)
+    params, opt_state = update(grads, state.params, state.opt_state)
     return TrainState(params, batch_stats, opt_state), metrics
 
   return sharding.jit_data_parallel(step, mesh, 1, 3, lambda rep, dat: (rep, rep),
@@ -118,10 +146,15 @@ def _targets(batch, patch_size, norm, aug, dtype, key, margin_targets=False):
     margin = augment.margin(patch_size)
     c = batch["centers"]
     mitotic &= ((c > margin) & (c < margin + patch_size)).all(-1)
+  # Stain switches: each patch's normalisation params come with the batch (absent
+  # where the ROIs were normalised on the host); RandStainNA's statistics with the run.
+  run_stain = getattr(norm, "stain", None)
+  stats = None if run_stain is None or run_stain.distribution is None else jnp.asarray(
+      run_stain.distribution, jnp.float32)
   return augment.augment_batch(
       key, batch["crops"], batch["centers"], mitotic, patch_size=patch_size,
       mean=jnp.asarray(norm.unit_mean), std=jnp.asarray(norm.unit_std), config=aug,
-      dtype=dtype)
+      dtype=dtype, stain=batch.get("stain"), randstainna_stats=stats)
 
 
 def make_batch_train_step(graphdef, tx, config, norm, mesh) -> Callable:
@@ -140,6 +173,84 @@ def make_batch_train_step(graphdef, tx, config, norm, mesh) -> Callable:
   rep, dat = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   return jax.jit(batch_step, in_shardings=(rep, dat, rep), out_shardings=(rep, rep),
                  donate_argnums=(0,))
+
+
+def make_group_train_step(graphdef, tx_groups: Sequence[tuple[optax.GradientTransformation,
+                                                               Sequence[int]]],
+                          config, norms: Sequence, mesh, mapped: bool = True) -> Callable:
+  """`step(state, batches, keys, steps, active) -> (state, metrics)`: K runs in one program.
+
+  `state` holds the K runs' TrainStates stacked on a leading run axis
+  (replicated over the mesh); `batches` is a tuple of K input-pipeline
+  batches (each sharded over "data"); `keys` the runs' base keys [K], folded
+  with `steps` (int32 [K], each run's own step) as a single run folds them;
+  `active` (bool [K]): a run that is not (it has finished) keeps its state.
+  Each run is augmented with its own normalisation (`norms`, one program
+  per run, unrolled, so its images are a single run's), forward and backward
+  passes are mapped over the run axis (`jax.vmap`: each run's BatchNorm
+  statistics over its own batch), and `tx_groups` ((optimiser, runs), ...)
+  updates the runs of each optimiser (each schedule) together. Metrics are
+  [K] arrays. The state is donated. `mapped=False` puts each run's own
+  passes and update one after another in the program instead (a single
+  run's shapes: nothing batched over runs), for comparison
+  (benchmarks/group_step.py --unmapped).
+  """
+  plain = loss_and_grads(graphdef, losses.LossConfig.from_config(config))
+  grads_fn = jax.vmap(plain)
+  tx_of = {k: tx for tx, runs in tx_groups for k in runs}
+  aug, dtype = augment.AugmentConfig.from_config(config), jnp.dtype(config.model.dtype)
+  margin_targets = config.augment.get("margin_targets", False)
+
+  def step(state, batches, keys, run_steps, active):
+    per_run = [_targets(b, config.patch_size, norm, aug, dtype,
+                        jax.random.fold_in(keys[k], run_steps[k]), margin_targets)
+               for k, (b, norm) in enumerate(zip(batches, norms))]
+    if mapped:
+      images, boxes, valid = (jnp.stack(x) for x in zip(*per_run))
+      grads, batch_stats, metrics = grads_fn(state.params, state.batch_stats, images, boxes,
+                                             valid)
+      params, opt_state = _group_updates(tx_groups, grads, state.params, state.opt_state)
+    else:
+      runs = []
+      for k, targets in enumerate(per_run):
+        p, b, o = jax.tree.map(lambda x: x[k], (state.params, state.batch_stats, state.opt_state))
+        g, b, m = plain(p, b, *targets)
+        runs.append((*apply_updates(tx_of[k])(g, p, o), b, m))
+      params, opt_state, batch_stats, metrics = (jax.tree.map(lambda *x: jnp.stack(x), *part)
+                                                 for part in zip(*runs))
+
+    def keep(new, old):  # Finished runs: the state they had.
+      return jax.tree.map(lambda n, o: jnp.where(
+          active.reshape(active.shape + (1,) * (n.ndim - 1)), n, o), new, old)
+
+    return TrainState(keep(params, state.params), keep(batch_stats, state.batch_stats),
+                      keep(opt_state, state.opt_state)), metrics
+
+  rep, dat = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  return jax.jit(step, in_shardings=(rep, dat, rep, rep, rep), out_shardings=(rep, rep),
+                 donate_argnums=(0,))
+
+
+def _group_updates(tx_groups, grads, params, opt_state):
+  """Each optimiser's step on its runs' rows of the stacked trees.
+
+  A run alone with its optimiser is updated unmapped (its rows taken out):
+  the program of a single run, bit for bit.
+  """
+  if len(tx_groups) == 1 and len(tx_groups[0][1]) > 1:
+    return jax.vmap(apply_updates(tx_groups[0][0]))(grads, params, opt_state)
+  new_params, new_opt = params, opt_state
+  for tx, runs in tx_groups:
+    index = np.asarray(runs)
+    rows = [jax.tree.map(lambda x: x[index], t) for t in (grads, params, opt_state)]
+    if len(runs) == 1:
+      one = apply_updates(tx)(*(jax.tree.map(lambda x: x[0], t) for t in rows))
+      p, o = jax.tree.map(lambda x: x[None], one)
+    else:
+      p, o = jax.vmap(apply_updates(tx))(*rows)
+    new_params = jax.tree.map(lambda full, part: full.at[index].set(part), new_params, p)
+    new_opt = jax.tree.map(lambda full, part: full.at[index].set(part), new_opt, o)
+  return new_params, new_opt
 
 
 def make_batch_eval_loss(graphdef, config, norm, mesh) -> Callable:

@@ -91,6 +91,8 @@ def test_print_config_shows_overrides_and_imports_nothing_heavy():
      "no_such_field"),
     (["--config", "configs/demo.py:no_such_type", "--print_config"], "no_such_type"),
     (["--config", "configs/no_such_file.py", "--print_config"], "no_such_file.py"),
+    (["--member", "--config configs/demo.py --workdir w", "--workdir", "v"],
+     "--member replaces --config and --workdir"),
 ])
 def test_train_usage_errors_are_one_line_and_exit_2(args, message):
   proc = _run("-m", "midog_jax.train", *args)

@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -70,19 +71,22 @@ def test_plan_runs_every_fold_and_resumes(plan_runs, capsys):
 
 
 # Stands in for `python -m midog_jax.train` in the launcher tests (no JAX):
-# takes the training lock as the trainer does, records itself, finishes.
+# takes the training lock of each run as the trainer does (one run, or a run
+# group's --member runs), records itself, finishes.
 FAKE_TRAIN = '''
-import json, os, sys, time
+import json, os, shlex, sys, time
 from midog_jax.training import workdir as workdir_lib
 argv = sys.argv[1:]
-workdir = argv[argv.index("--workdir") + 1]
-with workdir_lib.Lock(workdir):  # WorkdirInUse if a second process got here.
-  start = time.time()
-  time.sleep(0.3)
-  if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in workdir:
-    sys.exit(3)
+members = [shlex.split(argv[i + 1]) for i, a in enumerate(argv) if a == "--member"] or [argv]
+workdirs = [m[m.index("--workdir") + 1] for m in members]
+locks = [workdir_lib.Lock(w).acquire() for w in workdirs]  # WorkdirInUse if a second process got here.
+start = time.time()
+time.sleep(0.3)
+if os.environ.get("FAKE_FAIL") and any(os.environ["FAKE_FAIL"] in w for w in workdirs):
+  sys.exit(3)
+for member, workdir in zip(members, workdirs):
   with open(os.path.join(workdir, "trained.jsonl"), "a") as f:
-    f.write(json.dumps({"start": start, "end": time.time(), "argv": argv,
+    f.write(json.dumps({"start": start, "end": time.time(), "argv": member, "group": workdirs,
                         "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\\n")
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump({"status": "finished"}, f)
@@ -218,3 +222,71 @@ def test_parallel_runs_finish_a_tiny_plan(plan_runs, synthetic_data_dir, tmp_pat
     assert summary["status"] == "finished" and summary["epochs"] == recorded["num_epochs"]
     assert json.loads((run / "config.json").read_text())["input_workers"] == workers
     assert re.search(r"status\W+finished", (run / "train.log").read_text())  # Its output.
+
+
+def test_run_groups_of_a_plan_in_plan_order_with_parallel_shards_and_failures(
+    tmp_path, fake_train, monkeypatch, capsys):
+  root = tmp_path / "runs"
+  runs = [r for r, _ in launcher.plan_runs("single_domain", (0, 1, 2))]
+  done, by_hand = runs[1], runs[7]
+  (root / done).mkdir(parents=True)
+  (root / done / "summary.json").write_text('{"status": "finished"}')
+  (root / by_hand).mkdir(parents=True)
+  argv = ["run", "--plan", "single_domain", "--folds", "0,1,2", "--workdir", str(root),
+          "--group", "5", "--parallel", "2", "--hardware", "gpu"]
+  with workdir.Lock(str(root / by_hand)):
+    assert experiments.main(argv) == 0
+  trained = _trained(root)
+  assert sorted(trained) == sorted(set(runs) - {done, by_hand})
+  assert all(len(v) == 1 for v in trained.values())  # Never twice.
+  # Groups of 5 runs left to train, in plan order, each run in one process.
+  left = [r for r in runs if r in trained]
+  groups = [left[i:i + 5] for i in range(0, len(left), 5)]
+  assert [len(g) for g in groups] == [5, 5, 5, 4]
+  for g in groups:
+    assert {tuple(trained[r][0]["group"]) for r in g} == {tuple(str(root / r) for r in g)}
+    assert len({trained[r][0]["cuda"] for r in g}) == 1  # One device per group.
+  assert {v[0]["cuda"] for v in trained.values()} == {"0", "1"}
+  cores = len(os.sched_getaffinity(0))
+  for r in trained:  # Each member's own options, and its share of the cores.
+    options = trained[r][0]["argv"]
+    assert options[:4] == ["--config", launcher.config_arg(dict(launcher.plan_runs(
+        "single_domain", (0, 1, 2)))[r], "gpu"), "--workdir", str(root / r)]
+    assert f"--config.fold={r[-1]}" in options
+    assert f"--config.input_workers={max(1, cores // 10)}" in options
+  out = capsys.readouterr().out
+  assert "20/21 runs done" in out  # All but the run trained by hand.
+  assert re.search(rf"running +{re.escape(left[0])} +group 1", out)
+  assert re.search(rf"done +{re.escape(left[-1])} +group 4", out)
+  assert (root / left[0] / "train.log").exists()  # A group's output: its first run's log.
+
+  # A job array's part is grouped in its own order; a failing member stops the launcher.
+  root = tmp_path / "sharded"
+  part = [r for r, _ in launcher.shard(launcher.plan_runs("leave_one_out", (0, 1)), 1, 2)]
+  monkeypatch.setenv("FAKE_FAIL", part[4])
+  capsys.readouterr()
+  assert experiments.main(["run", "--plan", "leave_one_out", "--folds", "0,1", "--workdir",
+                           str(root), "--shard", "1/2", "--group", "3"]) == 3
+  assert set(_trained(root)) == set(part[:3])  # The first group; the second failed, no third.
+  assert [tuple(_trained(root)[r][0]["group"]) for r in part[:3]] == [
+      tuple(str(root / r) for r in part[:3])] * 3
+  assert f"error: the group of {', '.join(part[3:6])} stopped (exit code 3)" in (
+      capsys.readouterr().err)
+  with pytest.raises(ValueError, match="--group 0"):
+    launcher.run_plan(launcher.Launch(str(root), group=0), "all", [0])
+
+
+def test_a_group_command_gives_each_member_the_options_it_would_have_alone():
+  args = launcher.Launch("/w", data_dir="/d x", hardware="gpu", overrides=("num_epochs=3",),
+                         group=2)
+  members = launcher.plan_runs("all", (0, 1))
+  cmd = launcher.train_command(args, members)
+  assert cmd[:len(launcher.TRAIN_COMMAND)] == list(launcher.TRAIN_COMMAND)
+  given = [shlex.split(a) for a in cmd[len(launcher.TRAIN_COMMAND) + 1::2]]
+  assert cmd[len(launcher.TRAIN_COMMAND)::2] == ["--member"] * 2
+  assert given == [launcher.run_args(args, *m) for m in members]
+  assert given[1][:4] == ["--config", launcher.config_arg("all_domains", "gpu"), "--workdir",
+                          "/w/all_domains/fold1"]
+  assert "--config.data_dir=/d x" in given[0] and "--config.num_epochs=3" in given[0]
+  single = launcher.train_command(launcher.Launch("/w"), members[:1])
+  assert single == [*launcher.TRAIN_COMMAND, *launcher.run_args(launcher.Launch("/w"), *members[0])]
