@@ -1,6 +1,6 @@
 """Sliding-window detection of mitotic figures with a trained run.
 
-  python -m midog_jax.detect --workdir W | --checkpoint C \\
+  python -m midog_jax.detect --workdir W | --checkpoint C | --model M [--model M2 ...] \\
       (--images a.tiff b.tiff ... | --split test) --out predictions.json \\
       [--geojson DIR] [--overlay DIR] [--threshold T] [--min-score S] [--data-dir D]
 
@@ -16,6 +16,7 @@ import os
 import sys
 from typing import Sequence
 
+from midog_jax import commands
 from midog_jax import console
 
 # The detector (JAX, Orbax, the model) is imported after parsing: `--help`
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--workdir", help="a training run (its best checkpoint is used)")
   parser.add_argument("--checkpoint", help="WORKDIR/checkpoints/STEP, or STEP with --workdir "
                                            "(default: the best)")
+  parser.add_argument("--model", action="append", default=[],
+                      help="a run's workdir, a bundle folder or hf://OWNER/NAME[@REVISION]; "
+                           "repeat it (or give a bundle of several) for an ensemble")
   images = parser.add_mutually_exclusive_group(required=True)
   images.add_argument("--images", nargs="+", help="TIFF files (RGB, RGBA or greyscale, 8 bit)")
   images.add_argument("--split", choices=("train", "valid", "test"),
@@ -37,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
   for name, fmt in outputs.OUTPUT_FORMATS.items():
     parser.add_argument(fmt.option, dest=name, metavar=fmt.metavar, required=fmt.required,
                         default=None, help=fmt.help)
-  parser.add_argument("--threshold", type=float, default=None,
+  parser.add_argument("--threshold", type=commands.probability, default=None,
                       help="operating point for the GeoJSON and overlays (default: the one "
                            "chosen on the run's validation fold by `eval --runs`)")
-  parser.add_argument("--min-score", type=float, default=None,
+  parser.add_argument("--min-score", type=commands.probability, default=None,
                       help="detections kept in the MIDOG JSON, with their probabilities "
                            "(default: the run's eval.score_threshold, the reference's 0.5)")
   parser.add_argument("--um-per-px", type=float, default=None,
@@ -55,8 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   console.quiet_startup()
   parser = build_parser()
   args = parser.parse_args(argv)
-  if not (args.workdir or args.checkpoint):
-    parser.error("one of --workdir and --checkpoint is required")
+  if bool(args.model) == bool(args.workdir or args.checkpoint):
+    parser.error("one of --workdir, --checkpoint and --model is required")
   if args.workdir and args.checkpoint:  # One checkpoint of that run.
     steps = os.path.join(args.workdir, "checkpoints")
     if args.checkpoint.isdigit():
@@ -70,26 +74,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _detect(args: argparse.Namespace) -> int:
   from midog_jax.data import roi_io
+  from midog_jax.detection import bundle
   from midog_jax.detection import detector as detector_lib
+  from midog_jax.detection import models
   from midog_jax.detection import outputs
   targets = {name: getattr(args, name) for name in outputs.OUTPUT_FORMATS
              if getattr(args, name)}
   try:
     outputs.prepare(targets)
-    run = detector_lib.load_run(args.workdir, args.checkpoint)
+    runs = ([r for spec in args.model for r in models.load(spec)] if args.model
+            else [detector_lib.load_run(args.workdir, args.checkpoint)])
     images = (detector_lib.images_from_files(args.images, args.um_per_px) if args.images
-              else detector_lib.split_images(run, args.data_dir, args.split))
-  except (FileNotFoundError, roi_io.RoiError, ValueError, OSError) as e:
+              else detector_lib.split_images(runs[0], args.data_dir, args.split))
+    # A bar over each image's windows only on a terminal; a log gets one line per 30 s.
+    detector, operating, source = models.detector_for(
+        runs, args.min_score, args.batch_size, args.threshold, progress=console.stderr_is_tty())
+  except (FileNotFoundError, roi_io.RoiError, ValueError, OSError, bundle.BundleError) as e:
     if args.verbose:
       raise
     print(f"error: {e}", file=sys.stderr)
     return 2
-  # A bar over each image's windows only on a terminal; a log gets one line per 30 s.
-  detector = detector_lib.Detector(run, args.min_score, args.batch_size,
-                                   progress=console.stderr_is_tty())
-  operating, source = detector_lib.operating_point(run, args.threshold)
-  print(f"operating point {operating:g} ({source}) for GeoJSON and overlays; the MIDOG JSON "
-        f"keeps every detection above {detector.threshold:g} with its probability")
+  shown = [outputs.OUTPUT_FORMATS[n].option for n in targets if outputs.OUTPUT_FORMATS[n].thresholded]
+  if shown:
+    print(f"operating point {operating:g} ({source}) for {' and '.join(shown)}")
+  print(f"the MIDOG JSON keeps every detection above {detector.threshold:g} with its probability")
   found = {}
   for name, image, xy, scores in detector_lib.detect_all(detector, images.items, images.total):
     found[name] = (xy, scores)
@@ -109,4 +117,4 @@ def _detect(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(commands.guard(main))

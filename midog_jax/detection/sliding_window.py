@@ -165,21 +165,15 @@ class WindowDetector:
     return self.jitted(params, batch_stats, jnp.float32(t), windows)
 
 
-def make_window_detector(forward: Forward, normalization: Normalization,
-                         patch: int, max_detections_per_window: int,
-                         score_threshold: float, nms_iou: float = NMS_IOU,
-                         pre_nms_top_k: int = 1000, mesh: Mesh | None = None
-                         ) -> WindowDetector:
-  """`make_detector` over any traceable `forward` (see `Forward`).
-
-  `pre_nms_top_k` caps the candidates the suppression loop scans; the
-  greedy result is unchanged unless more boxes than that pass the threshold.
-  """
-  mean = jnp.asarray(normalization.unit_mean)
-  std = jnp.asarray(normalization.unit_std)
+def window_detections(forward: Forward, patch: int, max_detections_per_window: int,
+                      nms_iou: float = NMS_IOU, pre_nms_top_k: int = 1000) -> Callable[..., Detections]:
+  """The traceable device part: `detect(params, batch_stats, mean, std,
+  threshold, windows_uint8)` -> (centres, scores, valid), `mean`/`std` the
+  per-channel normalisation on the 0..1 scale. Unjitted, so that an ensemble
+  can `vmap` it over its members' weights and normalisations."""
   k_out = max_detections_per_window
 
-  def detect(params, batch_stats, threshold, windows):
+  def detect(params, batch_stats, mean, std, threshold, windows):
     images = (windows.astype(jnp.float32) / 255.0 - mean) / std
     logits, deltas, anchors = forward(params, batch_stats, images)
     scores = retinanet.scores(logits)
@@ -198,6 +192,26 @@ def make_window_detector(forward: Forward, normalization: Normalization,
     return (jnp.where(valid[..., None], centres, 0.0),
             jnp.where(valid, kept_scores, 0.0), valid)
 
+  return detect
+
+
+def make_window_detector(forward: Forward, normalization: Normalization,
+                         patch: int, max_detections_per_window: int,
+                         score_threshold: float, nms_iou: float = NMS_IOU,
+                         pre_nms_top_k: int = 1000, mesh: Mesh | None = None
+                         ) -> WindowDetector:
+  """`make_detector` over any traceable `forward` (see `Forward`).
+
+  `pre_nms_top_k` caps the candidates the suppression loop scans; the
+  greedy result is unchanged unless more boxes than that pass the threshold.
+  """
+  mean = jnp.asarray(normalization.unit_mean)
+  std = jnp.asarray(normalization.unit_std)
+  inner = window_detections(forward, patch, max_detections_per_window, nms_iou, pre_nms_top_k)
+
+  def detect(params, batch_stats, threshold, windows):
+    return inner(params, batch_stats, mean, std, threshold, windows)
+
   if mesh is None:
     jitted = jax.jit(detect)
   else:
@@ -206,6 +220,17 @@ def make_window_detector(forward: Forward, normalization: Normalization,
                      out_shardings=(dat, dat, dat))
 
   return WindowDetector(jitted, patch, score_threshold, mesh)
+
+
+def network_forward(graphdef: nnx.GraphDef) -> Forward:
+  """The RetinaNet of `graphdef` as a `Forward` (eval-mode BatchNorm)."""
+
+  def forward(params, batch_stats, images):
+    model = nnx.merge(graphdef, params, batch_stats)
+    logits, deltas = model(images, train=False)
+    return logits, deltas, model.anchors(images.shape[1:3])
+
+  return forward
 
 
 def make_detector(graphdef: nnx.GraphDef, normalization: Normalization,
@@ -223,12 +248,7 @@ def make_detector(graphdef: nnx.GraphDef, normalization: Normalization,
   be a multiple of the number of devices.
   """
 
-  def forward(params, batch_stats, images):
-    model = nnx.merge(graphdef, params, batch_stats)
-    logits, deltas = model(images, train=False)
-    return logits, deltas, model.anchors(images.shape[1:3])
-
-  return make_window_detector(forward, normalization, patch,
+  return make_window_detector(network_forward(graphdef), normalization, patch,
                               max_detections_per_window, score_threshold,
                               nms_iou, pre_nms_top_k, mesh)
 
