@@ -43,8 +43,9 @@ _PRINT_CONFIG = flags.DEFINE_boolean(
     "override) and exit.")
 _JSON = flags.DEFINE_boolean("json", False, "Print the final summary (or, with "
                              "--print_config, the configuration) as JSON.")
-_MEMBER = flags.DEFINE_multi_string("member", None, "A run of a run group, as its options "
-                                    "(\"--config F --workdir W ...\"); one per run.")
+_MEMBER = flags.DEFINE_multi_string("member", None, "")  # Help below, without absl's note.
+flags.FLAGS["member"].help = ("A run of a run group, as its own options (\"--config F --workdir "
+                              "W ...\"); repeated, one per run of the group.")
 
 
 def _usage_error(message: str) -> int:
@@ -90,8 +91,7 @@ def _report(train) -> int:
       print("error: interrupted outside the training loop; nothing was lost: run the same "
             "command again to resume", file=sys.stderr)
       return 143 if interrupt.signum == signal.SIGTERM else 130
-  if isinstance(results, int):  # An error's exit code, the error printed.
-    return results
+  if isinstance(results, int): return results  # An error's exit code, the error printed.
   print(json.dumps(results[0][1] if _CONFIG.value else [s for _, s in results], indent=1)
         if _JSON.value else "\n\n".join(format_summary(s, w) for w, s in results))
   return 0

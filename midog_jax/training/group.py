@@ -71,9 +71,11 @@ class GroupMismatch(ValueError):
 def program_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """{field: value} of the fields that shape a group's program (`PROGRAM_FIELDS`)."""
   flat = workdir_lib.flatten(json.loads(config.to_json_best_effort()))
-  return {k: v for k, v in flat.items()
-          if any(k == f or k.startswith(f + ".") for f in PROGRAM_FIELDS)
-          and k not in _INIT_ONLY}
+  out = {k: v for k, v in flat.items()
+         if any(k == f or k.startswith(f + ".") for f in PROGRAM_FIELDS) and k not in _INIT_ONLY}
+  # Only whether the rate is discriminative shapes the optimiser's state; the rates may differ.
+  out["optim.discriminative"] = "yes" if flat.get("optim.discriminative") else "no"
+  return out
 
 
 def check_members(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]) -> None:

@@ -31,7 +31,8 @@ def test_groups_divide_the_training_time_by_their_speed_up(capsys):
   trained = 1000 // 12 * 12
   assert grouped["train_epoch"] == pytest.approx(5 * trained / 250)
   assert grouped["valid_epoch"] == pytest.approx(5 * alone["valid_epoch"])
-  assert grouped["run"] == pytest.approx(100 * (grouped["train_epoch"] + grouped["valid_epoch"]) + 30)
+  epoch = grouped["train_epoch"] + grouped["valid_epoch"]
+  assert grouped["run"] == pytest.approx(100 * epoch + 30)
   assert grouped["training"] == pytest.approx(15 * grouped["run"])  # 75 runs in 15 groups.
   assert grouped["evaluation"] == alone["evaluation"]
   # Without a faster step a group saves only compilations (one per group).

@@ -170,4 +170,4 @@ def test_workdir_and_checkpoint_together_name_one_step(run_dir, synthetic_data_d
   assert "is not a checkpoint of --workdir" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     detect.main(common)
-  assert "one of --workdir and --checkpoint is required" in capsys.readouterr().err
+  assert "one of --workdir, --checkpoint and --model is required" in capsys.readouterr().err

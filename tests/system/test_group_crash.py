@@ -29,9 +29,10 @@ from tests.helpers import env_without_accelerators
 from tests.system.test_crash_safety import _kill_when, _outcome
 from tests.training.test_group import member_configs, member_options, one_device, toy  # noqa: F401
 
-# `python -m midog_jax.train` with the toy body registered, on this process's first
-# device of the eight the tests' processes have: the programs of this process,
-# compiled once for both (the compilation cache's keys include the devices).
+# `python -m midog_jax.train` with the toy body registered, on the first of the
+# eight devices the tests' processes have, as the runs in this process: its
+# programs are then this process's, compiled once for both (the compilation
+# cache's keys include the device count).
 DRIVER = ("import sys; from tests.training.test_group import register_toy; register_toy(); "
           "import jax; from midog_jax import commands, sharding, train; make = sharding.make_mesh; "
           "sharding.make_mesh = lambda devices=None: make(devices or jax.devices()[:1]); "

@@ -79,7 +79,8 @@ from midog_jax.training import workdir as workdir_lib
 argv = sys.argv[1:]
 members = [shlex.split(argv[i + 1]) for i, a in enumerate(argv) if a == "--member"] or [argv]
 workdirs = [m[m.index("--workdir") + 1] for m in members]
-locks = [workdir_lib.Lock(w).acquire() for w in workdirs]  # WorkdirInUse if a second process got here.
+# WorkdirInUse if a second process got here.
+locks = [workdir_lib.Lock(w).acquire() for w in workdirs]
 start = time.time()
 time.sleep(0.3)
 if os.environ.get("FAKE_FAIL") and any(os.environ["FAKE_FAIL"] in w for w in workdirs):
