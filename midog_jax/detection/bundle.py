@@ -56,20 +56,31 @@ def package_version() -> str:
     return "unknown"
 
 
+_GROUPS = ("params", "batch_stats")
+
+
+def _name(group: str, path) -> str:
+  """"params/body/conv1/kernel": a leaf's name from its place in the network."""
+  return "/".join([group, *(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)])
+
+
+def named_leaves(params: nnx.State, batch_stats: nnx.State) -> dict[str, Any]:
+  """{name: leaf} of both states (arrays, or jax.ShapeDtypeStruct for states of shapes)."""
+  return {_name(group, path): leaf
+          for group, state in zip(_GROUPS, (params, batch_stats))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]}
+
+
 def flatten(params: nnx.State, batch_stats: nnx.State) -> dict[str, np.ndarray]:
-  """{"params/body/conv1/kernel": float32 array, ...}: names from the network's structure."""
-  out = {}
-  for group, state in (("params", params), ("batch_stats", batch_stats)):
-    for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]:
-      name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-      out[f"{group}/{name}"] = np.asarray(jax.device_get(leaf), np.float32)
-  return out
+  """{"params/body/conv1/kernel": float32 array, ...}: what a bundle stores."""
+  return {k: np.asarray(jax.device_get(v), np.float32)
+          for k, v in named_leaves(params, batch_stats).items()}
 
 
 def unflatten(arrays: Mapping[str, np.ndarray], params: nnx.State, batch_stats: nnx.State,
               where: str) -> tuple[nnx.State, nnx.State]:
   """The states of `params`/`batch_stats` (shapes) filled from `arrays`, checked first."""
-  expected = {k: v.shape for k, v in flatten_shapes(params, batch_stats).items()}
+  expected = {k: tuple(v.shape) for k, v in named_leaves(params, batch_stats).items()}
   missing = sorted(set(expected) - set(arrays))
   extra = sorted(set(arrays) - set(expected))
   wrong = sorted(k for k in set(expected) & set(arrays) if tuple(arrays[k].shape) != expected[k])
@@ -81,25 +92,13 @@ def unflatten(arrays: Mapping[str, np.ndarray], params: nnx.State, batch_stats: 
     raise BundleError(f"{where}: does not fit its config.json: "
                       f"{'; '.join(p for p in parts if p)}; export the run again")
   filled = []
-  for group, state in (("params", params), ("batch_stats", batch_stats)):
-    pure = nnx.to_pure_dict(state)
+  for group, state in zip(_GROUPS, (params, batch_stats)):
     pure = jax.tree_util.tree_map_with_path(
-        lambda path, _: np.asarray(arrays[f"{group}/" + "/".join(
-            str(getattr(k, "key", getattr(k, "idx", k))) for k in path)]), pure)
+        lambda path, _, g=group: np.asarray(arrays[_name(g, path)]), nnx.to_pure_dict(state))
     new = jax.tree.map(lambda x: x, state)
     nnx.replace_by_pure_dict(new, pure)
     filled.append(new)
   return filled[0], filled[1]
-
-
-def flatten_shapes(params, batch_stats) -> dict[str, Any]:
-  """Like `flatten`, for states of shapes (jax.ShapeDtypeStruct leaves)."""
-  out = {}
-  for group, state in (("params", params), ("batch_stats", batch_stats)):
-    for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]:
-      name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-      out[f"{group}/{name}"] = leaf
-  return out
 
 
 def sha256(path: str) -> str:
