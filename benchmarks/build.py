@@ -15,11 +15,12 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import shutil
 import subprocess
 import sys
 import time
+
+import machine  # benchmarks/machine.py, beside this script.
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -88,8 +89,7 @@ def main(argv=None) -> None:
                for w in (1, args.workers))
   print(json.dumps({"same_examples_in_order": one == many, "speed_up": round(rows[0]["seconds"] /
                                                               rows[1]["seconds"], 2),
-                    "machine": platform.processor() or platform.machine(),
-                    "cores": os.cpu_count(), "load_average": os.getloadavg()[0],
+                    **machine.describe(),
                     "rois": args.rois,
                     "size": [args.width, args.height]}))
   if one != many:

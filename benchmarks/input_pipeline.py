@@ -22,11 +22,12 @@ import argparse
 import collections
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 import time
 import warnings
+
+import machine  # benchmarks/machine.py, beside this script.
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -39,15 +40,6 @@ from midog_jax.data import input_pipeline  # noqa: E402
 from midog_jax.data import sampling
 
 _FORKED = {}  # What the forked workers inherit: the pipeline, plan and shared crops.
-
-
-def _cpu() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except (OSError, StopIteration):
-    name = platform.processor() or "unknown CPU"
-  return f"{name}, {crops.default_workers()} cores usable"
 
 
 def _thread_rate(pipe) -> tuple[int, float, float]:
@@ -156,7 +148,7 @@ def main(argv=None):
     cases, load = _tfds_cases(args, args.workdir or tempfile.mkdtemp(prefix="midog_input_bench_"))
   else:
     cases, load = _memory_cases(args)
-  print(f"{_cpu()}; load average before timing {os.getloadavg()[0]:.2f}")
+  print(f"{machine.cpu_name()}, {crops.default_workers()} cores usable; load average before timing {os.getloadavg()[0]:.2f}")
 
   def pipeline(cache_bytes, window, reuse, workers, cache=None):
     return input_pipeline.PatchInput(

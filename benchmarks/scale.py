@@ -21,10 +21,11 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
+
+import machine  # benchmarks/machine.py, beside this script.
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -98,8 +99,7 @@ def main(argv=None) -> list[dict]:
   rows.append(_stage("eval --runs again (cached)", [
       py, "-m", "midog_jax.eval", "--runs", str(runs), "--out", str(report),
       "--data-dir", str(data), "--folds", "0"], report, work / "eval2.log"))
-  print(json.dumps({"machine": platform.processor() or platform.machine(),
-                    "cores": os.cpu_count(), "rois": args.cases_per_domain * 10,
+  print(json.dumps({**machine.describe(), "rois": args.cases_per_domain * 10,
                     "size": [args.width, args.height]}))
   return rows
 

@@ -102,7 +102,7 @@ def child(args: argparse.Namespace) -> dict:
   elif args.network == "untrained":
     model = _untrained(args.patch, args.batch)
   else:
-    model = slides.model_from_run(detector.load_run(args.network), 0.5, args.batch)
+    model = slides.model_from_runs([detector.load_run(args.network)], 0.5, args.batch)
   settings = slides.Settings(0.5, "benchmark", workers=args.workers)
   warm = np.full((model.batch_size, args.patch, args.patch, 3), 255, np.uint8)
   jax.block_until_ready(model.fn(warm, np.zeros((model.batch_size, 2))))  # Compiled first.

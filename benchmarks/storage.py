@@ -19,10 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
+
+import machine  # benchmarks/machine.py, beside this script.
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -98,8 +99,7 @@ def main(argv=None) -> dict:
     print(f"{key:>10}: {out[key]:8,.0f} patches/s with {args.workers} cropping thread(s)")
   print(f"decode: {out['decode_s_per_roi']:.2f} s per ROI; decode and write to disk: "
         f"{out['decode_to_disk_s_per_roi']:.2f} s per ROI")
-  out.update(machine=platform.processor() or platform.machine(), cores=os.cpu_count(),
-             load_average=os.getloadavg()[0], cases=len(cases), workers=args.workers,
+  out.update(**machine.describe(), cases=len(cases), workers=args.workers,
              size=[cases[0].width, cases[0].height], patch=args.patch)
   print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
   return out

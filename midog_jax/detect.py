@@ -97,7 +97,12 @@ def _detect(args: argparse.Namespace) -> int:
   shown = [outputs.OUTPUT_FORMATS[n].option for n in targets if outputs.OUTPUT_FORMATS[n].thresholded]
   if shown:
     print(f"operating point {operating:g} ({source}) for {' and '.join(shown)}")
-  print(f"the MIDOG JSON keeps every detection above {detector.threshold:g} with its probability")
+  if len(runs) > 1:  # A fused score is a mean over members: it can be below theirs.
+    print(f"the MIDOG JSON keeps the fusion of the {len(runs)} members' detections above "
+          f"{detector.threshold:g}, with its probability")
+  else:
+    print(f"the MIDOG JSON keeps every detection above {detector.threshold:g} with its "
+          "probability")
   found = {}
   for name, image, xy, scores in detector_lib.detect_all(detector, images.items, images.total):
     found[name] = (xy, scores)

@@ -5,9 +5,8 @@
       [--split test|train] [--threshold T | --choose-threshold-on val.json] [--json]
   python -m midog_jax.eval --runs W --out REPORT [--compare-paper] [--data-dir D]
 
-The metrics live in `midog_jax/evaluation/metrics.py`, the scoring of files
-in `score.py`, the run evaluation in `runs.py` and the matrices in
-`domain_matrix.py` beside it.
+The metrics live in `midog_jax/evaluation/metrics.py`; beside it `score.py`,
+`runs.py`, `ensembles.py` and the matrices in `domain_matrix.py`.
 """
 
 from __future__ import annotations
@@ -74,7 +73,8 @@ def build_runs_parser() -> argparse.ArgumentParser:
                   "and on the test split, takes the threshold with the best F1 on its\n"
                   "validation fold and is scored per test tumour type; the single-domain and\n"
                   "leave-one-out matrices of F1 and AP are written to REPORT (CSV, Markdown,\n"
-                  "PNG heatmaps, runs.json).",
+                  "PNG heatmaps, runs.json), with each experiment's fold ensemble beside its\n"
+                  "folds (\"ens.\"; ensembles.json, fused predictions in REPORT/ensembles/).",
       epilog="commands:\n  score   score one MIDOG-format prediction file "
              "(python -m midog_jax.eval score --help)",
       formatter_class=argparse.RawDescriptionHelpFormatter)

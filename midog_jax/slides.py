@@ -1,6 +1,6 @@
-"""Whole slides to mitotic counts with a trained run.
+"""Whole slides to mitotic counts with a trained run (or an ensemble of several).
 
-  python -m midog_jax.slides --model RUN --slides a.svs b.ndpi ... --out DIR \\
+  python -m midog_jax.slides --model RUN [--model RUN2 ...] --slides a.svs b.ndpi ... --out DIR \\
       [--threshold T] [--roi x,y,w,h | --roi ANNOTATION.geojson] [--um-per-px U] \\
       [--hotspot-mm2 2.37] [--hotspot-aspect 4:3]
 
@@ -25,9 +25,10 @@ from midog_jax import console
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m midog_jax.slides",
                                    description=__doc__.splitlines()[0])
-  parser.add_argument("--model", required=True, metavar="MODEL",
+  parser.add_argument("--model", required=True, metavar="MODEL", action="append",
                       help="a training run's workdir (its best checkpoint), a bundle folder or "
-                           "hf://OWNER/NAME[@REVISION]; one model (ensembles: detect)")
+                           "hf://OWNER/NAME[@REVISION]; repeat it (or give a bundle of several) "
+                           "for an ensemble")
   parser.add_argument("--slides", nargs="+", required=True,
                       help="whole-slide images (any format OpenSlide reads) or TIFF ROIs")
   parser.add_argument("--out", required=True, help="output folder (one sub-folder per slide)")
@@ -76,24 +77,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _slides(args: argparse.Namespace) -> int:
   # JAX, Orbax and OpenSlide after parsing: `--help` answers at once.
   from midog_jax.data import slide_reader
-  from midog_jax.detection import detector as detector_lib
   from midog_jax.detection import models
+  from midog_jax.detection import slide_outputs
   from midog_jax.detection import slides as slides_lib
   try:
     roi, polygons = slide_reader.parse_roi(args.roi)
     os.makedirs(args.out, exist_ok=True)
-    runs = models.load(args.model)
-    if len(runs) > 1:
-      raise ValueError(f"{args.model}: {len(runs)} members; slides counts with one model")
-    run = runs[0]
-  except (FileNotFoundError, ValueError, OSError) as e:
+    runs = [r for spec in args.model for r in models.load(spec)]
+    operating, source = models.operating_point(runs, args.threshold)
+    min_score = runs[0].config.eval.score_threshold if args.min_score is None else args.min_score
+    model = slides_lib.model_from_runs(runs, min(min_score, operating), args.batch_size)
+  except (FileNotFoundError, ValueError, OSError) as e:  # BundleError is a ValueError.
     if args.verbose:
       raise
     print(f"error: {e}", file=sys.stderr)
     return 2
-  operating, source = detector_lib.operating_point(run, args.threshold)
-  min_score = run.config.eval.score_threshold if args.min_score is None else args.min_score
-  model = slides_lib.model_from_run(run, min(min_score, operating), args.batch_size)
   settings = slides_lib.Settings(operating, source, args.um_per_px, roi, polygons,
                                  args.hotspot_mm2, args.hotspot_aspect, args.band_windows,
                                  args.workers)
@@ -104,7 +102,7 @@ def _slides(args: argparse.Namespace) -> int:
     with console.sigterm_as_interrupt():  # A scheduler's stop ends as Ctrl-C does.
       for _, report, error in slides_lib.run_batch(args.slides, model, settings, args.out):
         failed += bool(error)
-        print(f"error: {error}" if error else slides_lib.describe(report),
+        print(f"error: {error}" if error else slide_outputs.describe(report),
               file=sys.stderr if error else sys.stdout)
   except KeyboardInterrupt:
     print("interrupted: the finished slides and bands are saved; run the same command again "

@@ -8,7 +8,8 @@
   bundle          a model as one folder: safetensors, configuration, checksums (export, verify)
   card            a bundle's model card (Hugging Face README.md)
   ensemble        several models in one vmapped call, their detections fused
-  slides          whole slides: windows over tissue, bands that resume, per-slide outputs
+  slides          whole slides: windows over tissue, bands that resume, counts
+  slide_outputs   a counted slide's files (MIDOG JSON, GeoJSON, CSV, picture) and summary.csv
   hotspot         counts per mm² of tissue and the exact hotspot (pure functions)
 
 Add an output format: a writer and an `OutputFormat` in

@@ -71,6 +71,19 @@ def fuse(member_xy: Sequence[np.ndarray], member_scores: Sequence[np.ndarray],
   return fused_xy[keep], fused[keep]
 
 
+def fuse_members(xy: np.ndarray, scores: np.ndarray, member: np.ndarray, n_members: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Fused (xy, scores) of the members' raw window detections over one image or slide
+  (`member` [D]: whose each is): each member's own suppression by distance first, as
+  one model's detections get it, then `fuse`."""
+  found = []
+  for k in range(n_members):
+    mine = member == k
+    keep = sliding_window.suppress_by_distance(xy[mine], scores[mine])
+    found.append((xy[mine][keep], scores[mine][keep]))
+  return fuse([f[0] for f in found], [f[1] for f in found])
+
+
 def check_compatible(configs: Sequence[Any], names: Sequence[str]) -> None:
   """Members must share the network and the window size to be stacked."""
   first = retinanet.RetinaNetConfig.from_config(configs[0], pretrained=False)

@@ -134,22 +134,25 @@ def export_runs(workdirs: Sequence[str], out: str, checkpoint: str | None = None
   return bundle_lib.write(out, members, card_lib.model_card(members, extra, license_id), extra)
 
 
+def operating_point(runs: Sequence[detector.LoadedRun], threshold: float | None = None
+                    ) -> tuple[float, str]:
+  """(operating point, where it came from) of one model or an ensemble: `threshold`
+  when given; else one model's chosen on its validation fold, an ensemble's the mean
+  of its members' (see `ensemble`)."""
+  if len(runs) == 1 or threshold is not None:
+    return detector.operating_point(runs[0], threshold)
+  points = [detector.operating_point(r, None) for r in runs]
+  chosen = sum(s.startswith("chosen") for _, s in points)
+  return (sum(p for p, _ in points) / len(points),
+          f"the mean of the {len(runs)} members' operating points, {chosen} of them chosen "
+          "on their validation folds")
+
+
 def detector_for(runs: Sequence[detector.LoadedRun], min_score: float | None = None,
                  batch_size: int | None = None, threshold: float | None = None,
                  progress: bool = False):
-  """(detector, operating point, where it came from) of one model or an ensemble.
-
-  An ensemble's operating point is the mean of its members' (see `ensemble`).
-  """
+  """(detector, operating point, where it came from) of one model or an ensemble."""
+  operating, source = operating_point(runs, threshold)
   if len(runs) == 1:
-    operating, source = detector.operating_point(runs[0], threshold)
     return detector.Detector(runs[0], min_score, batch_size, progress), operating, source
-  points = [detector.operating_point(r, None) for r in runs]
-  if threshold is not None:
-    operating, source = threshold, "--threshold"
-  else:
-    operating = sum(p for p, _ in points) / len(points)
-    chosen = sum(s.startswith("chosen") for _, s in points)
-    source = (f"the mean of the {len(runs)} members' operating points, {chosen} of them chosen "
-              "on their validation folds")
   return ensemble.EnsembleDetector(runs, min_score, batch_size, progress), operating, source

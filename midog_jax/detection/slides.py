@@ -7,8 +7,10 @@ touch the analysed region (tissue, within --roi), read them in worker threads
 and detect them in batches. Each band of windows is saved when done, so an
 interrupted slide resumes from its last band; a finished slide (its
 report.json, written last, under the same key) is never computed again.
-Then the distance suppression across window seams, the counts and the
-hotspot (detection/hotspot), and the outputs, each written by temp + rename:
+Then the distance suppression across window seams (for an ensemble, each
+member's, then their fusion: detection/ensemble), the counts and the
+hotspot (detection/hotspot), and the outputs (detection/slide_outputs),
+each written by temp + rename:
 
   OUT/<stem>/detections.json    MIDOG JSON (mm): every detection above the minimum score
             /detections.geojson QuPath: the counted figures (px), probability as a measurement
@@ -35,26 +37,23 @@ import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
-from PIL import Image
 
 from midog_jax import atomic
 from midog_jax import console
 from midog_jax import domains
 from midog_jax.data import slide_reader
 from midog_jax.detection import detector as detector_lib
+from midog_jax.detection import ensemble
 from midog_jax.detection import hotspot as hotspot_lib
-from midog_jax.detection import predictions
+from midog_jax.detection import slide_outputs
 from midog_jax.detection import sliding_window
 
 VERSION = 1  # Of the band and report layout; a change recomputes.
-SUMMARY_COLUMNS = ("slide", "tissue_mm2", "figures", "figures_per_mm2", "hotspot_figures",
-                   "hotspot_x_mm", "hotspot_y_mm", "um_per_px", "seconds")
 OVERLAP = 0.1  # The reference's window overlap (at least the run's min overlap).
 IN_FLIGHT = 2  # Batches dispatched to the device and not yet brought back: bounds host memory.
 # (windows uint8 [B, P, P, 3], origins [B, 2] in the frame) -> (centres [B, K, 2] window px,
-# scores [B, K], valid [B, K]); real networks ignore the origins, test doubles use them.
+# scores [B, K], valid [B, K]), each with a leading member axis [M, ...] for an ensemble;
+# real networks ignore the origins, test doubles use them.
 WindowFn = Callable[[np.ndarray, np.ndarray], tuple[Any, Any, Any]]
 
 
@@ -72,6 +71,7 @@ class Model:
   # thumbnail -> window -> window: the run's stain normalisation with the params of the
   # slide's low-resolution level (None: windows as read).
   per_slide: Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]] | None = None
+  members: int = 1  # More than one: an ensemble; `fn`'s outputs have the member axis.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,26 +104,50 @@ def _key(obj: Any) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def model_from_run(run: detector_lib.LoadedRun, min_score: float,
-                   batch_size: int | None = None) -> Model:
-  """The pipeline's view of a loaded run, on every local device."""
-  det = detector_lib.Detector(run, min_score, batch_size)
-  # A run's checkpoint files, or a bundle member's folder: what identifies the weights.
+def _run_identity(run: detector_lib.LoadedRun) -> dict:
+  """What identifies a run's detections: its settings and its weights' files."""
+  # A run's checkpoint files, or a bundle member's folder.
   ckpt = os.path.join(run.workdir, "checkpoints", str(run.step))
   ckpt = ckpt if os.path.isdir(ckpt) else run.workdir
   files = sorted((os.path.relpath(os.path.join(d, f), ckpt), os.path.getsize(os.path.join(d, f)))
                  for d, _, names in os.walk(ckpt) for f in names)
-  stain = getattr(det, "stain", None)  # A run's stain normalisation, where it has one.
+  stain = run.normalization.stain
+  return {"config": run.config.to_dict(), "norm": run.normalization.to_json(),
+          "stain": None if stain is None else stain.to_json(), "step": run.step, "files": files}
+
+
+def _per_slide(stain, normalize):
+  """The Model's `per_slide` of a stain normalisation (None without one)."""
+  if stain is None or stain.normalization == "none":
+    return None
   def per_slide(thumb):
     params = stain.image_params(thumb)  # Once per slide, from its low-resolution level.
-    return lambda window: det.normalize(window, params)
-  identity = _key({"config": run.config.to_dict(), "norm": run.normalization.to_json(),
-                   "stain": None if stain is None else stain.to_json(), "step": run.step,
-                   "files": files})
-  return Model(lambda windows, origins: det.detect_windows(windows), det.patch, det.batch_size,
-               det.min_overlap, det.threshold, trained_resolution(run.config), identity,
-               {"workdir": run.workdir, "step": run.step},
-               per_slide if stain is not None and stain.normalization != "none" else None)
+    return lambda window: normalize(window, params)
+  return per_slide
+
+
+def model_from_runs(runs: Sequence[detector_lib.LoadedRun], min_score: float,
+                    batch_size: int | None = None) -> Model:
+  """The pipeline's view of one loaded run, or of an ensemble (`detection/ensemble.py`:
+  every member on each batch of windows, fused after each member's own suppression),
+  on every local device."""
+  if len(runs) == 1:
+    det = detector_lib.Detector(runs[0], min_score, batch_size)
+    return Model(lambda windows, origins: det.detect_windows(windows), det.patch,
+                 det.batch_size, det.min_overlap, det.threshold,
+                 trained_resolution(runs[0].config), _key(_run_identity(runs[0])),
+                 {"workdir": runs[0].workdir, "step": runs[0].step},
+                 _per_slide(det.stain, det.normalize))
+  ens = ensemble.EnsembleDetector(runs, min_score, batch_size)
+  ranges = [trained_resolution(r.config) for r in runs]
+  stain = ens.stain
+  return Model(lambda windows, origins: ens.member_windows(windows), ens.patch, ens.batch_size,
+               ens.min_overlap, ens.threshold,
+               (min(r[0] for r in ranges), max(r[1] for r in ranges)),
+               _key([_run_identity(r) for r in runs]),
+               {"members": [{"workdir": r.workdir, "step": r.step} for r in runs]},
+               _per_slide(stain, lambda window, params: stain.normalize(window, params)),
+               members=len(runs))
 
 
 def select_windows(region: np.ndarray, cell: int, width: int, height: int, scale: float,
@@ -152,25 +176,32 @@ def select_windows(region: np.ndarray, cell: int, width: int, height: int, scale
   return xy[inside], local[inside], (fx0, fy0, fw, fh)
 
 
-def _load_band(path: str) -> tuple[np.ndarray, np.ndarray, float] | None:
+def _load_band(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float] | None:
   try:
     with np.load(path) as z:
-      return z["xy"], z["scores"], float(z["seconds"])
+      # A single model's bands have no "member": all its detections are member 0's.
+      member = z["member"] if "member" in z else np.zeros(len(z["scores"]), np.int32)
+      return z["xy"], z["scores"], member, float(z["seconds"])
   except (OSError, ValueError, KeyError):
     return None  # Never half-written (temp + rename); a foreign file is recomputed.
 
 
-def _save_band(path: str, xy: np.ndarray, scores: np.ndarray, seconds: float) -> None:
+def _save_band(path: str, xy: np.ndarray, scores: np.ndarray, member: np.ndarray,
+               seconds: float) -> None:
   buffer = io.BytesIO()
-  np.savez(buffer, xy=xy, scores=scores, seconds=np.float64(seconds))
+  arrays = {"xy": xy, "scores": scores, "seconds": np.float64(seconds)}
+  if member.any():  # An ensemble's: whose each detection is.
+    arrays["member"] = member
+  np.savez(buffer, **arrays)
   atomic.write_bytes(path, buffer.getbuffer())
 
 
 def detect_bands(slide: slide_reader.Slide, model: Model, xy: np.ndarray, local: np.ndarray,
                  box: tuple, scale: float, band_dir: str, settings: Settings, name: str,
                  progress: bool = True, transform: Callable | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, float, int]:
-  """Frame (x, y) [D, 2] and scores [D] of every window's detections, before suppression.
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, int]:
+  """Frame (x, y) [D, 2], scores [D] and member [D] (0 but in an ensemble) of every
+  window's detections, before suppression.
 
   Bands of `band_windows` windows (a multiple of the batch) already saved
   in `band_dir` are loaded, the others detected and saved as each ends.
@@ -182,12 +213,17 @@ def detect_bands(slide: slide_reader.Slide, model: Model, xy: np.ndarray, local:
   n_bands = -(-len(xy) // per_band)
   paths = [os.path.join(band_dir, f"band_{i:05d}.npz") for i in range(n_bands)]
   done = {i: r for i, p in enumerate(paths) if os.path.exists(p) and (r := _load_band(p))}
-  earlier = sum(r[2] for r in done.values())
+  earlier = sum(r[3] for r in done.values())
   todo = [i for i in range(n_bands) if i not in done]
   batches = [(i, s) for i in todo for s in range(i * per_band, min((i + 1) * per_band, len(xy)), b)]
   fx0, fy0, fw, fh = box
   initial = sum(min(per_band, len(xy) - i * per_band) for i in done)
   computed = 0
+
+  def on_host(out, m):
+    """The batch's outputs as host arrays [M, m, ...]: its m windows, every member."""
+    arrays = tuple(np.asarray(a) for a in out)
+    return tuple((a if model.members > 1 else a[None])[:, :m] for a in arrays)
 
   def read(origin):
     window = slide_reader.read_window(slide, int(origin[0]), int(origin[1]), model.patch, scale)
@@ -215,25 +251,32 @@ def detect_bands(slide: slide_reader.Slide, model: Model, xy: np.ndarray, local:
       n = len(futures)
       origins = np.zeros((b, 2), np.int64)
       origins[:n] = xy[start:start + n]
-      outputs.append((start, n, model.fn(windows, origins)))  # Asynchronous on a device.
+      outputs.append([start, n, model.fn(windows, origins), False])  # Asynchronous on a device.
       if len(outputs) > IN_FLIGHT:  # Wait for an older batch: its windows are then freed.
-        s, m, out = outputs[-IN_FLIGHT - 1]
-        outputs[-IN_FLIGHT - 1] = (s, m, tuple(np.asarray(a)[:m] for a in out))
+        older = outputs[-IN_FLIGHT - 1]
+        if not older[3]:
+          older[2:] = on_host(older[2], older[1]), True
       bar.update(n)
       computed += n
       if not ahead or ahead[0][0] != band:  # The band's last batch: save it.
-        found = [sliding_window.to_image_coordinates(
-            local[s:s + m], *(np.asarray(a)[:m] for a in out), (fh, fw)) for s, m, out in outputs]
+        found = []
+        for s, m, out, on in outputs:
+          out = out if on else on_host(out, m)
+          for k in range(model.members):
+            found.append((*sliding_window.to_image_coordinates(
+                local[s:s + m], *(a[k] for a in out), (fh, fw)), k))
         bxy = np.concatenate([f[0] for f in found]).reshape(-1, 2) + (fx0, fy0)
         bsc = np.concatenate([f[1] for f in found])
+        bmember = np.concatenate([np.full(len(f[1]), f[2], np.int32) for f in found])
         seconds = time.monotonic() - started
-        _save_band(paths[band], bxy, bsc, seconds)
-        done[band] = (bxy, bsc, seconds)
+        _save_band(paths[band], bxy, bsc, bmember, seconds)
+        done[band] = (bxy, bsc, bmember, seconds)
         outputs, started = [], time.monotonic()
   parts = [done[i] for i in range(n_bands)]
   all_xy = np.concatenate([p[0] for p in parts]).reshape(-1, 2) if parts else np.zeros((0, 2))
   all_sc = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0)
-  return all_xy, all_sc, earlier, computed
+  all_member = (np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int32))
+  return all_xy, all_sc, all_member, earlier, computed
 
 
 def _state(band_dir: str, key: str) -> None:
@@ -291,12 +334,16 @@ def process_slide(path: str, model: Model, settings: Settings, out: str,
     band_dir = os.path.join(folder, "bands")
     _state(band_dir, detect_key)
     transform = None if model.per_slide is None or not len(xy) else model.per_slide(thumb)
-    raw_xy, raw_scores, earlier_seconds, computed = detect_bands(
+    raw_xy, raw_scores, raw_member, earlier_seconds, computed = detect_bands(
         slide, model, xy, local, box, scale, band_dir, settings, name, progress, transform)
     width, height, vendor, identity = slide.width, slide.height, slide.vendor, slide.identity
-    picture = picture_thumbnail(slide, thumb, cell)
-  keep = sliding_window.suppress_by_distance(raw_xy, raw_scores)
-  det_xy, det_scores = raw_xy[keep] * scale, raw_scores[keep]  # Level-0 px.
+    picture = slide_outputs.thumbnail(slide, thumb, cell)
+  if model.members == 1:
+    keep = sliding_window.suppress_by_distance(raw_xy, raw_scores)
+    det_xy, det_scores = raw_xy[keep], raw_scores[keep]
+  else:  # Across seams per member, then across members: as `detect`'s ensembles.
+    det_xy, det_scores = ensemble.fuse_members(raw_xy, raw_scores, raw_member, model.members)
+  det_xy = det_xy * scale  # Level-0 px.
   counted = (det_scores > settings.operating_point) & hotspot_lib.in_region(det_xy, region, cell)
   area = hotspot_lib.region_mm2(region, cell, um, width, height)
   w, h = hotspot_lib.rectangle_px(settings.hotspot_mm2, settings.hotspot_aspect, um)
@@ -323,112 +370,10 @@ def process_slide(path: str, model: Model, settings: Settings, out: str,
   }
   # Earlier sessions' bands count: the time the slide took, however often it was interrupted.
   report["seconds"] = earlier_seconds + (time.monotonic() - t0)
-  _write_outputs(folder, report, picture, region, cell, det_xy, det_scores, counted, spot, um)
+  slide_outputs.write(folder, report, picture, region, cell, det_xy, det_scores, counted, spot,
+                      um)
   atomic.write_json(report_path, report)  # Last: the slide is done.
   return report
-
-
-def _write_outputs(folder, report, picture, region, cell, xy, scores, counted, spot, um) -> None:
-  """Every per-slide file but report.json."""
-  name = report["slide"]
-  predictions.write_predictions(os.path.join(folder, "detections.json"), {name: (xy, scores)},
-                                {name: um})
-  predictions.write_geojson(os.path.join(folder, "detections.geojson"), xy[counted],
-                            scores[counted])
-  features = [] if spot.x is None else [{
-      "type": "Feature",
-      "geometry": {"type": "Polygon", "coordinates": [[
-          [spot.x, spot.y], [spot.x + spot.w, spot.y], [spot.x + spot.w, spot.y + spot.h],
-          [spot.x, spot.y + spot.h], [spot.x, spot.y]]]},
-      "properties": {"objectType": "annotation",
-                     "classification": {"name": "Hotspot", "color": [255, 200, 0]},
-                     "measurements": {"mitotic figures": spot.count}}}]
-  atomic.write_json(os.path.join(folder, "hotspot.geojson"),
-                    {"type": "FeatureCollection", "features": features}, indent=None)
-  mm = um / 1000
-  lines = ["x_px,y_px,x_mm,y_mm,probability,counted"] + [
-      f"{x:.1f},{y:.1f},{x * mm:.5f},{y * mm:.5f},{s:.4f},{int(c)}"
-      for (x, y), s, c in zip(xy, scores, counted)]
-  atomic.write_text(os.path.join(folder, "detections.csv"), "\n".join(lines) + "\n")
-  buffer = io.BytesIO()
-  Image.fromarray(region).save(buffer, format="PNG")
-  atomic.write_bytes(os.path.join(folder, "tissue.png"), buffer.getbuffer())
-  write_picture(os.path.join(folder, "picture.png"), report, *picture, region, cell,
-                xy[counted], spot, um)
-
-
-PICTURE_PX = 1200  # Long side of the picture's thumbnail.
-
-
-def picture_thumbnail(slide: slide_reader.Slide, thumb: np.ndarray, cell: int
-                      ) -> tuple[np.ndarray, int]:
-  """(image, level-0 px per pixel) for the picture: the mask's thumbnail where it is
-  fine enough, else one read at about `PICTURE_PX` px."""
-  d = max(1, math.ceil(max(slide.width, slide.height) / PICTURE_PX))
-  if d >= cell:
-    step = d // cell
-    return thumb[::step, ::step], cell * step
-  return slide.thumbnail(d), d
-
-
-def write_picture(path: str, report: dict, picture: np.ndarray, picture_px: int,
-                  region: np.ndarray, cell: int, figures: np.ndarray,
-                  spot: hotspot_lib.Hotspot, um: float) -> None:
-  """Thumbnail, tissue outline (green), figure density heatmap, hotspot (orange)."""
-  h, w = picture.shape[:2]
-  width, height = report["width"], report["height"]
-  fig = Figure(figsize=(max(w, 640) / 100, max(h, 200) / 100 + 0.4), dpi=100)
-  ax = fig.add_axes([0, 0, 1, 1 - 0.4 / (max(h, 200) / 100 + 0.4)])
-  ax.imshow(picture, extent=(0, w * picture_px, h * picture_px, 0))  # Level-0 px.
-  rows, cols = region.shape
-  if region.any():
-    ax.contour((np.arange(cols) + 0.5) * cell, (np.arange(rows) + 0.5) * cell,
-               region.astype(float), levels=[0.5], colors="lime", linewidths=1.0)
-  # Smoothed over 0.25 mm, less on a slide only a few mm across.
-  sigma_mm = min(0.25, max(width, height) * um / 1000 / 30)
-  dens = hotspot_lib.density(figures, region.shape, cell, um, sigma_mm)
-  if dens.max() > 0:
-    ax.imshow(np.ma.masked_less(dens, dens.max() * 0.2), cmap="inferno", alpha=0.5,
-              extent=(0, cols * cell, rows * cell, 0))
-  if spot.x is not None:
-    ax.add_patch(Rectangle((spot.x, spot.y), spot.w, spot.h, fill=False, edgecolor="orange",
-                           linewidth=2))
-  ax.set_xlim(0, width)
-  ax.set_ylim(height, 0)
-  ax.set_axis_off()
-  fig.text(0.01, 1 - 0.2 / (max(h, 200) / 100 + 0.4), describe(report).split(";")[0],
-           fontsize=8, va="center")
-  atomic.write_figure(path, fig)
-
-
-def describe(report: dict) -> str:
-  """One line about a slide's result."""
-  rate, spot = report["figures_per_mm2"], report["hotspot"]
-  where = ("" if spot["centre_mm"] is None
-           else " at ({:.2f}, {:.2f}) mm".format(*spot["centre_mm"]))
-  return (f"{report['slide']}: {report['figures']} figures in {report['tissue']['mm2']:.3g} mm² "
-          f"of tissue ({'-' if rate is None else f'{rate:.3g}'}/mm²), hotspot "
-          f"{spot['figures']} in {spot['area_mm2']:g} mm²{where}; {report['um_per_px']:g} µm/px"
-          f"{' (resampled)' if report['resampled'] else ''}, {report['seconds']:.0f} s"
-          f"{' (done before)' if report.get('reused') else ''}")
-
-
-def summary_row(report: dict) -> list[str]:
-  """The report's row of summary.csv."""
-  def fmt(v, digits):
-    return "" if v is None else f"{v:.{digits}f}"
-  centre = report["hotspot"]["centre_mm"] or (None, None)
-  return [report["slide"], fmt(report["tissue"]["mm2"], 4), str(report["figures"]),
-          fmt(report["figures_per_mm2"], 3), str(report["hotspot"]["figures"]),
-          fmt(centre[0], 3), fmt(centre[1], 3), fmt(report["um_per_px"], 4),
-          fmt(report["seconds"], 1)]
-
-
-def write_summary(path: str, reports: Sequence[dict]) -> None:
-  """summary.csv: one row per slide, in the batch's order."""
-  rows = [",".join(SUMMARY_COLUMNS)] + [
-      ",".join(f'"{c}"' if "," in c else c for c in summary_row(r)) for r in reports]
-  atomic.write_text(path, "\n".join(rows) + "\n")
 
 
 def run_batch(paths: Sequence[str], model: Model, settings: Settings, out: str,
@@ -447,5 +392,5 @@ def run_batch(paths: Sequence[str], model: Model, settings: Settings, out: str,
       yield path, None, f"{path}: its outputs could not be written ({e})"
       continue
     reports.append(report)
-    write_summary(os.path.join(out, "summary.csv"), reports)
+    slide_outputs.write_summary(os.path.join(out, "summary.csv"), reports)
     yield path, report, None

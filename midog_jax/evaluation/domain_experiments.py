@@ -10,7 +10,8 @@ Its matrix rows are (training domains, stain variant), columns test domains.
 The held-out table keeps, for each training set, the domains of its tumour
 types it was not trained on, with one column per variant: the stain
 switches side by side. Cells are means and stds over folds, marked as in
-`domain_matrix` when folds are missing.
+`domain_matrix` when folds are missing, with the fold ensemble's value
+where one is given.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from midog_jax.evaluation import domain_matrix as dm
 
 DOMAIN_PREFIX = domains.DOMAIN_EXPERIMENT_PREFIX
 DOMAIN_CSV_FIELDS = ("table", "metric", "variant", "train", "test", "mean", "std", "n_folds",
-                     "folds", "complete")
+                     "folds", "complete", "ensemble", "ensemble_folds")
 
 
 def is_domain_experiment(name: str) -> bool:
@@ -47,8 +48,14 @@ def _variant_key(v: str) -> tuple[bool, str]:
 Grid = dict[tuple[str, str], dict[str, dm.Cell]]  # {(row key, row key): {column: Cell}}
 
 
+def _row_of(experiment: str, variant: str) -> tuple[str, str]:
+  ids = domains.parse_domain_set(experiment[len(DOMAIN_PREFIX):])
+  return domains.domain_set_name(ids), variant
+
+
 def domain_matrices(results: Iterable[dm.RunResult], folds: Sequence[int] = dm.DEFAULT_FOLDS,
-                    ddof: int = dm.DEFAULT_DDOF) -> dict[str, Grid]:
+                    ddof: int = dm.DEFAULT_DDOF, ensembles: Iterable[dm.EnsembleResult] = ()
+                    ) -> dict[str, Grid]:
   """{metric: {(training set, variant): {test domain: Cell}}} of the domain experiments.
 
   Rows in registry order of their training set, then variant ("none" first);
@@ -59,13 +66,15 @@ def domain_matrices(results: Iterable[dm.RunResult], folds: Sequence[int] = dm.D
   for r in results:
     if not is_domain_experiment(r.experiment):
       continue
-    row = (domains.domain_set_name(domains.parse_domain_set(r.experiment[len(DOMAIN_PREFIX):])),
-           r.variant)
+    row = _row_of(r.experiment, r.variant)
     per_fold = by_row.setdefault(row, {})
     if int(r.fold) in per_fold:
       raise ValueError(f"two results for {r.experiment} ({r.variant}) fold {r.fold}")
     if int(r.fold) in folds:
       per_fold[int(r.fold)] = r.per_domain or {}
+  by_ensemble = dm.ensemble_values(
+      [e for e in ensembles if is_domain_experiment(e.experiment)],
+      lambda e: _row_of(e.experiment, e.variant), lambda e: e.per_domain)
   order = lambda row: ([domains.DOMAIN_IDS.index(i) for i in row[0].split("+")],
                        _variant_key(row[1]))
   out = {}
@@ -74,12 +83,14 @@ def domain_matrices(results: Iterable[dm.RunResult], folds: Sequence[int] = dm.D
     for row in sorted(by_row, key=order):
       per_fold = by_row[row]
       out[metric][row] = {}
+      ens_folds, ens = by_ensemble.get(row, ((), {}))
       for test in domains.DOMAIN_IDS:
         present = [(k, dm.value_of(per_fold[k].get(test), metric)) for k in sorted(per_fold)]
         present = [(k, v) for k, v in present if v is not None]
         out[metric][row][test] = dm.Cell("domains", metric, row[0], test,
                                          tuple(k for k, _ in present),
-                                         tuple(v for _, v in present), folds, ddof)
+                                         tuple(v for _, v in present), folds, ddof,
+                                         dm.value_of(ens.get(test), metric), ens_folds)
   return out
 
 
@@ -98,8 +109,8 @@ def _domain_rows(grid: Mapping, columns: Sequence[str]) -> list[str]:
   lines = []
   for key, row in grid.items():
     texts = [dm.format_cell(row[c].mean, row[c].std)
-             + (f" {dm.INCOMPLETE}" if row[c].marked else "") if c in row else ""
-             for c in columns]
+             + (f" {dm.INCOMPLETE}" if row[c].marked else "") + dm.format_ensemble(row[c])
+             if c in row else "" for c in columns]
     lines.append(f"| {' | '.join(key)} | " + " | ".join(texts) + " |")
   return lines
 
@@ -130,15 +141,18 @@ def domain_markdown(mats: Mapping) -> str:
   marked = any(c.marked for grid in mats.values() for row in grid.values() for c in row.values())
   if marked:
     parts.append(f"{dm.INCOMPLETE} fewer folds than requested have a value (see the CSV).\n")
+  parts.append(dm.ensemble_note(c for grid in mats.values() for row in grid.values()
+                                for c in row.values()))
   return "\n".join(parts)
 
 
 def write_domain_report(results: Iterable[dm.RunResult], out_dir: str,
                         folds: Sequence[int] = dm.DEFAULT_FOLDS,
-                        ddof: int = dm.DEFAULT_DDOF) -> list[str]:
+                        ddof: int = dm.DEFAULT_DDOF,
+                        ensembles: Iterable[dm.EnsembleResult] = ()) -> list[str]:
   """domain_experiments.csv (one row per cell of both tables) and .md; the paths."""
   os.makedirs(out_dir, exist_ok=True)
-  mats = domain_matrices(results, folds, ddof)
+  mats = domain_matrices(results, folds, ddof, ensembles)
   out = io.StringIO(newline="")
   w = csv.writer(out)
   w.writerow(DOMAIN_CSV_FIELDS)
@@ -149,7 +163,8 @@ def write_domain_report(results: Iterable[dm.RunResult], out_dir: str,
           variant, test = (key[1], col) if table == "domains" else (col, key[1])
           w.writerow([table, metric, variant, key[0], test, dm.csv_number(c.mean),
                       dm.csv_number(c.std), c.n_folds, ";".join(map(str, c.folds)),
-                      int(not c.marked)])
+                      int(not c.marked), dm.csv_number(c.ensemble),
+                      ";".join(map(str, c.ensemble_folds))])
   csv_path = os.path.join(out_dir, "domain_experiments.csv")
   md_path = os.path.join(out_dir, "domain_experiments.md")
   atomic.write_text(csv_path, out.getvalue())

@@ -7,7 +7,10 @@
 Rows are training sets (run `single_<slug>`, `without_<slug>` or
 `all_domains`), columns test tumour types. A cell is the mean and standard
 deviation over folds; a cell missing some of the requested folds says which
-folds it has and is marked, one with none is empty.
+folds it has and is marked, one with none is empty. Given the experiments'
+fold ensembles (`EnsembleResult`, from `ensembles.py`), a cell also shows
+the ensemble's value ("ens."), marked when it has fewer members than folds
+were requested.
 
 Domain experiments (runs `domains_<ids>`) have their matrices in
 `domain_experiments`.
@@ -38,7 +41,7 @@ DEFAULT_FOLDS = (0, 1, 2, 3, 4)
 DEFAULT_DDOF = 0
 INCOMPLETE = "†"
 CSV_FIELDS = ("matrix", "metric", "train", "test", "mean", "std", "n_folds",
-              "folds", "complete", "paper_mean", "paper_std")
+              "folds", "complete", "ensemble", "ensemble_folds", "paper_mean", "paper_std")
 _TITLES = {"single_domain": "Single-domain training",
            "leave_one_out": "Leave-one-out training"}
 METRIC_NAMES = {"f1": "F1", "ap": "AP"}
@@ -57,6 +60,16 @@ class RunResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class EnsembleResult:
+  """Test-split scores of an experiment's fold ensemble (the folds' models combined)."""
+  experiment: str
+  folds: tuple[int, ...]  # Its members' folds.
+  per_tumor: Mapping[str, Mapping[str, float]]
+  per_domain: Mapping[str, Mapping[str, float]] | None = None
+  variant: str = "none"
+
+
+@dataclasses.dataclass(frozen=True)
 class Cell:
   """One matrix entry: a metric over the folds that have it."""
   matrix: str
@@ -67,6 +80,8 @@ class Cell:
   values: tuple[float, ...]  # One per fold in `folds`.
   requested: tuple[int, ...]
   ddof: int = DEFAULT_DDOF
+  ensemble: float | None = None  # The fold ensemble's value, where there is one.
+  ensemble_folds: tuple[int, ...] = ()  # Its members' folds.
 
   @property
   def n_folds(self) -> int:
@@ -84,6 +99,11 @@ class Cell:
   def marked(self) -> bool:
     """Shown with INCOMPLETE: a value over fewer folds than requested."""
     return not self.empty and not self.complete
+
+  @property
+  def ensemble_marked(self) -> bool:
+    """The ensemble's value is of fewer members than folds were requested."""
+    return self.ensemble is not None and not set(self.requested) <= set(self.ensemble_folds)
 
   @property
   def mean(self) -> float | None:
@@ -118,13 +138,28 @@ def value_of(scores: Mapping[str, float] | None, metric: str) -> float | None:
   return None if math.isnan(v) else v  # Undefined metric: no value this fold.
 
 
+def ensemble_values(ensembles: Iterable[EnsembleResult], key, per) -> dict:
+  """{key(experiment): (folds, per(result))} of the ensembles; one per key."""
+  out = {}
+  for e in ensembles:
+    k = key(e)
+    if k in out:
+      raise ValueError(f"two ensembles of {e.experiment} ({e.variant})")
+    out[k] = (tuple(sorted(int(f) for f in e.folds)), per(e) or {})
+  return out
+
+
 def matrices(results: Iterable[RunResult], folds: Sequence[int] = DEFAULT_FOLDS,
-             ddof: int = DEFAULT_DDOF) -> dict[str, dict[str, dict[str, dict[str, Cell]]]]:
+             ddof: int = DEFAULT_DDOF, ensembles: Iterable[EnsembleResult] = ()
+             ) -> dict[str, dict[str, dict[str, dict[str, Cell]]]]:
   """{matrix: {metric: {train: {test: Cell}}}} over the requested folds.
 
   Every row and column is present (registry order, the all-types row last in
   "single_domain"); results for folds outside `folds` are left out.
   """
+  by_ensemble = ensemble_values(
+      ensembles, lambda e: parse_experiment(e.experiment),
+      lambda e: {domains.tumor_type(t).slug: s for t, s in e.per_tumor.items()})
   folds = tuple(sorted(int(k) for k in folds))
   by_run: dict[tuple[str, str], dict[int, Mapping]] = {}
   seen = set()
@@ -145,12 +180,14 @@ def matrices(results: Iterable[RunResult], folds: Sequence[int] = DEFAULT_FOLDS,
       for train in paper.rows(matrix):
         per_fold = by_run.get((matrix, train), {})
         grid[train] = {}
+        ens_folds, ens = by_ensemble.get((matrix, train), ((), {}))
         for test in domains.TUMOR_SLUGS:
           present = [(k, value_of(per_fold[k].get(test), metric)) for k in sorted(per_fold)]
           present = [(k, v) for k, v in present if v is not None]
           grid[train][test] = Cell(matrix, metric, train, test,
                                    tuple(k for k, _ in present),
-                                   tuple(v for _, v in present), folds, ddof)
+                                   tuple(v for _, v in present), folds, ddof,
+                                   value_of(ens.get(test), metric), ens_folds)
       out[matrix][metric] = grid
   return out
 
@@ -182,6 +219,7 @@ def write_csv(mats: Mapping, path: str, compare_paper: bool = False) -> str:
     p = c.paper() if compare_paper else None
     w.writerow([c.matrix, c.metric, c.train, c.test, csv_number(c.mean), csv_number(c.std),
                 c.n_folds, ";".join(map(str, c.folds)), int(not c.marked),
+                csv_number(c.ensemble), ";".join(map(str, c.ensemble_folds)),
                 csv_number(p and p["mean"]), csv_number(p and p["std"])])
   atomic.write_text(path, out.getvalue())
   return path
@@ -195,6 +233,27 @@ def format_cell(mean: float | None, std: float | None) -> str:
 
 def fold_list(folds: Sequence[int]) -> str:
   return ", ".join(map(str, folds)) if folds else "none"
+
+
+def format_ensemble(c: Cell) -> str:
+  """" · ens. 0.74" (marked when of fewer members than requested folds), or ""."""
+  if c.ensemble is None:
+    return ""
+  return f" · ens. {c.ensemble:.2f}" + (f" {INCOMPLETE}" if c.ensemble_marked else "")
+
+
+def ensemble_note(cells_: Iterable[Cell]) -> str:
+  """The Markdown legend of "ens.", when some cell has an ensemble."""
+  with_ensemble = [c for c in cells_ if c.ensemble is not None]
+  if not with_ensemble:
+    return ""
+  note = ("ens.: the fold ensemble on the test split (the folds' models combined as "
+          "`detect --model ... --model ...` does: detections fused, at the mean of the "
+          "folds' thresholds)")
+  partial = sorted({c.ensemble_folds for c in with_ensemble if c.ensemble_marked})
+  if partial:
+    note += f"; {INCOMPLETE} after ens.: of folds " + "; ".join(map(fold_list, partial)) + " only"
+  return note + ".\n"
 
 
 def markdown(mats: Mapping, compare_paper: bool = False) -> str:
@@ -219,6 +278,7 @@ def markdown(mats: Mapping, compare_paper: bool = False) -> str:
           t = format_cell(c.mean, c.std)
           if c.marked:
             t += f" {INCOMPLETE}"
+          t += format_ensemble(c)
           if compare_paper and (p := c.paper()) is not None:
             t += f" (paper {format_cell(p['mean'], p['std'])})"
           texts.append(t)
@@ -231,6 +291,7 @@ def markdown(mats: Mapping, compare_paper: bool = False) -> str:
                      "value is over these folds:\n\n" + "\n".join(notes) + "\n")
       parts.append("– no fold has this cell.\n" if any(
           c.empty for row in grid.values() for c in row.values()) else "")
+      parts.append(ensemble_note(c for row in grid.values() for c in row.values()))
   return "\n".join(p for p in parts if p)
 
 
@@ -271,8 +332,11 @@ def plot_matrix(mats: Mapping, matrix: str, metric: str, path: str,
   im = ax.imshow(np.ma.masked_invalid(means), cmap=cmap, vmin=0.0, vmax=1.0,
                  aspect="auto")
   incomplete = False
-  # Leave room under the mean for the paper's value only when it is shown.
-  y_mean, y_std = (-0.22, 0.06) if compare_paper else (-0.1, 0.2)
+  with_ensemble = any(c.ensemble is not None for row in grid.values() for c in row.values())
+  # Room under the mean and std for the ensemble's and the paper's values, when shown.
+  n_extra = int(with_ensemble) + int(compare_paper)
+  y_mean, y_std = {0: (-0.1, 0.2), 1: (-0.22, 0.06), 2: (-0.28, -0.03)}[n_extra]
+  y_ensemble, y_paper = (0.19, 0.36) if n_extra == 2 else (0.32, 0.32)
   for i, r in enumerate(trains):
     for j, t in enumerate(tests):
       c = grid[r][t]
@@ -288,8 +352,13 @@ def plot_matrix(mats: Mapping, matrix: str, metric: str, path: str,
         if c.std is not None:
           ax.text(j, i + y_std, f"± {c.std:.2f}", ha="center", va="center",
                   fontsize=8.5, color=color)
+      if c.ensemble is not None:
+        mark = f" {INCOMPLETE}" if c.ensemble_marked else ""
+        incomplete |= bool(mark)
+        ax.text(j, i + y_ensemble, f"ens. {c.ensemble:.2f}{mark}", ha="center", va="center",
+                fontsize=8.5, color=color)
       if compare_paper and (p := c.paper()) is not None:
-        ax.text(j, i + 0.32, f"paper {p['mean']:.2f} ± {p['std']:.2f}",
+        ax.text(j, i + y_paper, f"paper {p['mean']:.2f} ± {p['std']:.2f}",
                 ha="center", va="center", fontsize=7, color=color,
                 fontstyle="italic")
   wrap = lambda s: textwrap.fill(s, 14)
@@ -310,10 +379,11 @@ def plot_matrix(mats: Mapping, matrix: str, metric: str, path: str,
                label=f"mean {METRIC_NAMES[metric]}")
   requested = next(iter(grid[trains[0]].values())).requested
   ax.set_title(f"{_TITLES[matrix]}: mean {METRIC_NAMES[metric]} over folds "
-               f"{fold_list(requested)}", fontsize=12, pad=12)
+               f"{fold_list(requested)}" + (" (ens.: their ensemble)" if with_ensemble else ""),
+               fontsize=12, pad=12)
   if incomplete:
     fig.text(0.01, 0.01, f"{INCOMPLETE} fewer folds than requested; "
-             "mean over the folds present (see the CSV).", fontsize=8)
+             "the value is over the folds present (see the CSV).", fontsize=8)
   fig.tight_layout(rect=(0, 0.03 if incomplete else 0, 1, 1))
   atomic.write_figure(path, fig, dpi=110)
   plt.close(fig)
@@ -322,10 +392,11 @@ def plot_matrix(mats: Mapping, matrix: str, metric: str, path: str,
 
 def write_report(results: Iterable[RunResult], out_dir: str,
                  compare_paper: bool = False, folds: Sequence[int] = DEFAULT_FOLDS,
-                 ddof: int = DEFAULT_DDOF) -> list[str]:
+                 ddof: int = DEFAULT_DDOF, ensembles: Iterable[EnsembleResult] = ()
+                 ) -> list[str]:
   """CSV, Markdown and one PNG per matrix and metric; returns the paths."""
   os.makedirs(out_dir, exist_ok=True)
-  mats = matrices(results, folds, ddof)
+  mats = matrices(results, folds, ddof, ensembles)
   paths = [write_csv(mats, os.path.join(out_dir, "domain_matrices.csv"), compare_paper),
            write_markdown(mats, os.path.join(out_dir, "domain_matrices.md"), compare_paper)]
   for matrix in MATRICES:

@@ -46,30 +46,19 @@ class Stages:
     return self.seconds
 
 
-def run(config, workdir: str, n_overlays: int = 4) -> dict:
-  """Runs (or resumes) every stage; returns the summary."""
-  # Every stage's library only now: --help answers at once.
+def synthetic_data(config, workdir: str, stages: Stages | None = None) -> tuple[str, str]:
+  """(manual dir, TFDS data dir) of the synthetic MIDOG++ of `config.synthetic` under
+  WORKDIR/data: written and built, or found done (stages 1 and 2)."""
   import tensorflow_datasets as tfds
 
-  from midog_jax.data import dataset
   from midog_jax.data import synthetic
-  from midog_jax.evaluation import overlay
-  from midog_jax.evaluation import runs
-  from midog_jax.evaluation import score
-  from midog_jax.training import inputs
-  from midog_jax.training import trainer
   from tfds_midogpp.midogpp import midogpp_dataset_builder as builder_lib
 
+  stages = stages or Stages({})
   tty = console.stderr_is_tty()
   if not tty:  # Bars are for terminals; a log file gets the trainer's lines.
     tfds.disable_progress_bar()
-  workdir = os.path.abspath(workdir)
   manual, data_dir = os.path.join(workdir, "data", "manual"), os.path.join(workdir, "data", "tfds")
-  run_dir, report_dir = os.path.join(workdir, "run"), os.path.join(workdir, "report")
-  summary_path = os.path.join(workdir, "summary.json")
-  previous = atomic.read_json(summary_path) if os.path.exists(summary_path) else {}
-  stages = Stages(previous.get("stage_seconds", {}))
-
   stages.start(1, "synthetic", "synthetic MIDOG++ (TIFFs, MIDOG++.json, datasets_xvalidation.csv)")
   s = config.synthetic
   if os.path.exists(os.path.join(manual, "datasets_xvalidation.csv")):
@@ -84,6 +73,25 @@ def run(config, workdir: str, n_overlays: int = 4) -> dict:
     stages.reused(builder.data_dir)
   else:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+  return manual, data_dir
+
+
+def run(config, workdir: str, n_overlays: int = 4) -> dict:
+  """Runs (or resumes) every stage; returns the summary."""
+  # Every stage's library only now: --help answers at once.
+  from midog_jax.data import dataset
+  from midog_jax.evaluation import overlay
+  from midog_jax.evaluation import runs
+  from midog_jax.evaluation import score
+  from midog_jax.training import inputs
+  from midog_jax.training import trainer
+
+  workdir = os.path.abspath(workdir)
+  run_dir, report_dir = os.path.join(workdir, "run"), os.path.join(workdir, "report")
+  summary_path = os.path.join(workdir, "summary.json")
+  previous = atomic.read_json(summary_path) if os.path.exists(summary_path) else {}
+  stages = Stages(previous.get("stage_seconds", {}))
+  manual, data_dir = synthetic_data(config, workdir, stages)
   config.data_dir = data_dir
 
   stages.start(3, "training", f"training {config.experiment}, fold {config.fold}")

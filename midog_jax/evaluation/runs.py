@@ -7,7 +7,9 @@ pooled F1, 0.50 to 0.99), and score the test cases per tumour type and per
 domain. Runs with stain switches are told apart by their `variant`; the
 paper's matrices are written per variant (the paper's, "none", in the report
 folder, others in a subfolder of their name), the domain experiments' in
-`domain_experiments.*`.
+`domain_experiments.*`. Each experiment with two or more of the requested
+folds is also scored as one fold ensemble (`ensembles.py`), beside its
+folds in the same matrices.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from midog_jax.detection import detector as detector_lib
 from midog_jax.detection import predictions
 from midog_jax.evaluation import domain_experiments
 from midog_jax.evaluation import domain_matrix
+from midog_jax.evaluation import ensembles as ensembles_lib
 from midog_jax.evaluation import metrics
 from midog_jax.training import checkpoints
 
@@ -176,6 +179,8 @@ def evaluate_all(root: str, out_dir: str, data_dir: str | None = None,
   reader = dataset.RoiReader(data_dir)
   rois = roi_store.RoiCache(lambda i: reader(all_cases[i]), cache_bytes)
   results, evaluations = [], []
+  keep = lambda groups: {g: {k: m[k] for k in ("f1", "ap", "tp", "fp", "fn")}
+                         for g, m in groups.items()}
   # Even with every prediction cached, loading each run takes a second or two.
   bar = console.Progress(len(runs), "evaluated", "run", interval=10.0)
   for workdir in runs:
@@ -184,23 +189,32 @@ def evaluate_all(root: str, out_dir: str, data_dir: str | None = None,
     if checkpoint == "best" and ev.get("selection_warning"):
       bar.write(f"warning: {os.path.relpath(workdir, root)}: {ev['selection_warning']}")
     evaluations.append({"workdir": os.path.relpath(workdir, root), **metrics.json_safe(ev)})
-    keep = lambda groups: {g: {k: m[k] for k in ("f1", "ap", "tp", "fp", "fn")}
-                           for g, m in groups.items()}
     results.append(domain_matrix.RunResult(ev["experiment"], ev["fold"],
                                            keep(ev["test"]["tumor_types"]),
                                            keep(ev["test_domains"]), ev["variant"]))
   bar.close()
   os.makedirs(out_dir, exist_ok=True)
   atomic.write_json(os.path.join(out_dir, "runs.json"), evaluations)
-  return [os.path.join(out_dir, "runs.json")] + write_reports(results, out_dir, compare_paper,
-                                                               folds)
+  paths = [os.path.join(out_dir, "runs.json")]
+  # Fused from the predictions just written or found: no detection of their own.
+  fold_ensembles = ensembles_lib.evaluate_all(evaluations, root, test_cases, out_dir, folds,
+                                              _suffix(checkpoint))
+  if fold_ensembles:
+    paths.append(os.path.join(out_dir, "ensembles.json"))
+    paths += [os.path.join(out_dir, e["predictions"]) for e in fold_ensembles]
+  ensemble_results = [domain_matrix.EnsembleResult(
+      e["experiment"], tuple(e["folds"]), keep(e["test"]["tumor_types"]),
+      keep(e["test_domains"]), e["variant"]) for e in fold_ensembles]
+  return paths + write_reports(results, out_dir, compare_paper, folds, ensemble_results)
 
 
 def write_reports(results: list[domain_matrix.RunResult], out_dir: str, compare_paper: bool,
-                  folds) -> list[str]:
-  """The paper's matrices per variant and the domain experiments' matrices; the paths."""
-  by_domain = [r for r in results if domain_experiments.is_domain_experiment(r.experiment)]
-  paper_runs = [r for r in results if not domain_experiments.is_domain_experiment(r.experiment)]
+                  folds, ensembles: list[domain_matrix.EnsembleResult] = ()) -> list[str]:
+  """The paper's matrices per variant and the domain experiments' matrices (each
+  experiment's fold ensemble beside its folds); the paths."""
+  is_domain = domain_experiments.is_domain_experiment
+  by_domain = [r for r in results if is_domain(r.experiment)]
+  paper_runs = [r for r in results if not is_domain(r.experiment)]
   paths = []
   if paper_runs or not by_domain:
     variants = sorted({r.variant for r in paper_runs} or {"none"}, key=lambda v: (v != "none", v))
@@ -208,7 +222,9 @@ def write_reports(results: list[domain_matrix.RunResult], out_dir: str, compare_
       paths += domain_matrix.write_report(
           [r for r in paper_runs if r.variant == name],
           out_dir if name == "none" else os.path.join(out_dir, name),
-          compare_paper=compare_paper, folds=folds)
+          compare_paper=compare_paper, folds=folds,
+          ensembles=[e for e in ensembles if e.variant == name and not is_domain(e.experiment)])
   if by_domain:
-    paths += domain_experiments.write_domain_report(by_domain, out_dir, folds)
+    paths += domain_experiments.write_domain_report(
+        by_domain, out_dir, folds, ensembles=[e for e in ensembles if is_domain(e.experiment)])
   return paths

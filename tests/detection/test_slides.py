@@ -18,8 +18,10 @@ from midog_jax import slides as slides_cli
 from midog_jax.data import roi_io
 from midog_jax.data import slide_reader
 from midog_jax.data import synthetic_slides
+from midog_jax.detection import ensemble
 from midog_jax.detection import hotspot
 from midog_jax.detection import predictions
+from midog_jax.detection import slide_outputs
 from midog_jax.detection import slides
 from midog_jax.detection import sliding_window
 from tests.helpers import ROOT
@@ -205,7 +207,7 @@ def test_resolution_handling_and_a_batch_that_goes_on(slide_files, tmp_path):
   assert batch[3][1]["figures"] == len(truth.figures)
   summary = list(csv.DictReader(open(tmp_path / "batch" / "summary.csv")))
   assert [r["slide"] for r in summary] == ["b.tif"]
-  assert list(summary[0]) == list(slides.SUMMARY_COLUMNS)
+  assert list(summary[0]) == list(slide_outputs.SUMMARY_COLUMNS)
   assert int(summary[0]["figures"]) == len(truth.figures) and summary[0]["um_per_px"] == "0.5000"
   # A run's stain normalisation: estimated once per slide on its thumbnail, applied per window.
   thumbs, seen = [], []
@@ -274,6 +276,58 @@ def test_an_interrupted_slide_resumes_from_its_last_band_and_finished_ones_are_r
   other = slides.Model(idle, PATCH, BATCH, 0, 0.1, (0.23, 0.25), "another-double")
   slides.process_slide(path, other, settings(), out, progress=False)
   assert idle.windows >= whole["windows"]
+
+
+class HalfSeen(TruthWindows):
+  """A second member that sees only the even-numbered figures, at 0.7, and no imposter."""
+
+  def __init__(self, truth, **kw):
+    super().__init__(truth, **kw)
+    self.points, self.scores = self.points[:len(truth.figures)][::2], np.full(
+        len(truth.figures[::2]), 0.7)
+
+
+class Stacked:
+  """An ensemble's window function: the members' outputs with a leading member axis."""
+
+  def __init__(self, *members):
+    self.members = members
+
+  def __call__(self, windows, origins):
+    outs = [m(windows, origins) for m in self.members]
+    return tuple(np.stack([o[j] for o in outs]) for j in range(3))
+
+
+def ensemble_of(truth, **kw):
+  return slides.Model(Stacked(TruthWindows(truth, **kw), HalfSeen(truth)), PATCH, BATCH, 0, 0.1,
+                      (0.23, 0.25), "ensemble-double", members=2)
+
+
+def test_an_ensemble_counts_the_figures_its_members_agree_on_and_resumes(slide_files, tmp_path):
+  """Fused score: 0.8 where both members see a figure, 0.45 where one does, 0.15 for an
+  imposter: at the operating point 0.5 exactly the even-numbered figures count, each
+  once across seams and members; an interrupted ensemble resumes to the same files."""
+  path, truth = slide_files["a.svs"]
+  whole = slides.process_slide(path, ensemble_of(truth), settings(), str(tmp_path / "whole"),
+                               progress=False)
+  assert whole["figures"] == len(truth.figures[::2])
+  assert whole["detections"] == len(truth.figures) + len(truth.imposters)
+  found = predictions.read_predictions(tmp_path / "whole" / "a" / "detections.json",
+                                       {"a.svs": 0.25})["a.svs"]
+  counted = found.xy[found.scores > 0.5]
+  d = np.hypot(*(counted[:, None] - truth.figures[::2][None]).transpose(2, 0, 1))
+  assert d.min(1).max() < 1e-2 and d.min(0).max() < 1e-2
+  np.testing.assert_allclose(np.sort(found.scores)[-3:], 0.8, atol=1e-3)
+  band = np.load(tmp_path / "whole" / "a" / "bands" / "band_00000.npz")
+  assert set(np.unique(band["member"])) == {0, 1}
+  out = str(tmp_path / "resumed")
+  with pytest.raises(KeyboardInterrupt):
+    slides.process_slide(path, ensemble_of(truth, fail_after=11), settings(), out, progress=False)
+  report = slides.process_slide(path, ensemble_of(truth), settings(), out, progress=False)
+  assert report["windows_detected_now"] == whole["windows"] - 64
+  for name in ("detections.json", "detections.csv", "hotspot.geojson"):
+    assert (tmp_path / "whole" / "a" / name).read_bytes() == (
+        tmp_path / "resumed" / "a" / name).read_bytes()
 
 
 _KILLED = """
@@ -346,10 +400,33 @@ def test_end_to_end_with_a_trained_run(run_dir, tmp_path, capsys):
   assert json.loads((tmp_path / "out" / "d" / "report.json").read_text())["resampled"]
 
 
+def test_two_models_count_as_their_fused_slide_detections(plan_runs, tmp_path):
+  """`slides --model A --model B` (one jitted call for both) gives what A's and B's own
+  slide detections give fused: the same windows, suppression and fusion."""
+  path = str(tmp_path / "e.svs")
+  synthetic_slides.write_slide(path, synthetic_slides.SlideSpec(512, 384, seed=8, islands=1),
+                               "svs")
+  folds = [str(plan_runs / "all_domains" / f"fold{k}") for k in (0, 1)]
+  common = ["--slides", path, "--threshold", "0.0", "--min-score", "0.0",
+            "--hotspot-mm2", "0.01"]
+  found = {}
+  for name, models in (("a", folds[:1]), ("b", folds[1:]), ("ab", folds)):
+    args = [a for m in models for a in ("--model", m)] + common + ["--out", str(tmp_path / name)]
+    assert slides_cli.main(args) == 0
+    found[name] = predictions.read_predictions(tmp_path / name / "e" / "detections.json",
+                                               {"e.svs": 0.25})["e.svs"]
+  xy, scores = ensemble.fuse([found["a"].xy, found["b"].xy], [found["a"].scores,
+                                                             found["b"].scores])
+  order = lambda xy, s: np.lexsort((xy[:, 0], s))  # noqa: E731  Ties in any order.
+  got, want = order(found["ab"].xy, found["ab"].scores), order(xy, scores)
+  assert len(found["ab"].scores) == len(scores) > 0
+  np.testing.assert_allclose(found["ab"].scores[got], scores[want], atol=1e-6)
+  np.testing.assert_allclose(found["ab"].xy[got], xy[want], atol=1e-3)
+  report = json.loads((tmp_path / "ab" / "e" / "report.json").read_text())
+  assert [m["workdir"] for m in report["model"]["members"]] == folds
+
+
 def test_command_line_errors_are_one_line(tmp_path, capsys):
-  with pytest.raises(SystemExit):
-    slides_cli.main(["--model", "a", "b", "--slides", "x.svs", "--out", str(tmp_path)])
-  assert "unrecognized arguments: b" in capsys.readouterr().err  # One model (ensembles: detect).
   with pytest.raises(SystemExit):
     slides_cli.main(["--model", "a", "--slides", "d1/x.svs", "d2/x.ndpi", "--out", str(tmp_path)])
   assert "share the output folder x/" in capsys.readouterr().err

@@ -28,7 +28,9 @@ def test_report_files(report):
   names = sorted(os.listdir(out))
   assert names == sorted(["runs.json", "domain_matrices.csv", "domain_matrices.md",
                           "single_domain_f1.png", "single_domain_ap.png",
-                          "leave_one_out_f1.png", "leave_one_out_ap.png"])
+                          "leave_one_out_f1.png", "leave_one_out_ap.png",
+                          "ensembles.json", "ensembles"])  # Folds 0 and 1 of all_domains.
+  assert os.listdir(out / "ensembles") == ["all_domains.test.json"]
   for n in names:
     if n.endswith(".png"):
       assert (out / n).read_bytes()[:4] == b"\x89PNG"
@@ -45,7 +47,6 @@ def test_every_number_recomputes_from_per_case_counts(report):
   for r in runs:
     test = r["test"]
     # Per tumour type: pooled counts of its cases -> F1.
-    tumour_of = {}
     for t, m in test["tumor_types"].items():
       expected = _f1(m["tp"], m["fp"], m["fn"])
       assert m["f1"] == (None if expected is None else pytest.approx(expected))
@@ -124,3 +125,46 @@ def test_a_selection_on_too_few_figures_is_reported_by_eval(report, capsys):
     assert r["selection_warning"].startswith("model selection (reference) ")
     summary = json.loads((runs_root / r["workdir"] / "summary.json").read_text())
     assert summary["selection_warning"] == r["selection_warning"]
+
+
+def test_the_fold_ensemble_equals_the_ensemble_detector(report, synthetic_data_dir):
+  """The report's ensemble, fused from the folds' cached predictions, scores as the
+  two folds' models run together by `EnsembleDetector` (the `detect --model A
+  --model B` path) on the test images."""
+  from midog_jax.data import dataset
+  from midog_jax.detection import detector
+  from midog_jax.detection import ensemble
+  from midog_jax.evaluation import metrics
+  runs_root, out = report
+  [ens] = json.loads((out / "ensembles.json").read_text())
+  assert (ens["experiment"], ens["folds"], ens["variant"]) == ("all_domains", [0, 1], "none")
+  evaluations = [json.loads((runs_root / w / "evaluation.json").read_text())
+                 for w in ens["members"]]
+  threshold = np.mean([e["threshold"] for e in evaluations])
+  assert ens["threshold"] == pytest.approx(threshold)
+  members = [detector.load_run(str(runs_root / w)) for w in ens["members"]]
+  live = ensemble.EnsembleDetector(members)
+  cases = dataset.read_cases(synthetic_data_dir, "test")
+  scored, tumours = [], []
+  for case, image in dataset.iterate_rois(synthetic_data_dir, cases):
+    xy, scores = live(image)
+    scored.append(metrics.ScoredCase(case.mitotic_figures, xy, scores, case.um_per_px))
+    tumours.append(case.tumor)
+  want = metrics.summarize(scored, tumours, threshold)
+  for group in ("overall", *want["tumor_types"]):
+    got_m = ens["test"] if group == "overall" else ens["test"]["tumor_types"]
+    got_m = got_m["overall"] if group == "overall" else got_m[group]
+    want_m = want["overall"] if group == "overall" else want["tumor_types"][group]
+    assert [got_m[k] for k in ("tp", "fp", "fn")] == [want_m[k] for k in ("tp", "fp", "fn")]
+    if not np.isnan(want_m["ap"]):
+      assert got_m["ap"] == pytest.approx(want_m["ap"], abs=1e-9)
+  rows = [r for r in csv.DictReader(open(out / "domain_matrices.csv"))
+          if r["matrix"] == "single_domain" and r["train"] == "all_domains"]
+  from midog_jax import domains
+  by_slug = {domains.tumor_type(t).slug: m for t, m in ens["test"]["tumor_types"].items()}
+  assert len(rows) == 14 and any(r["ensemble"] for r in rows)
+  for row in rows:
+    value = by_slug.get(row["test"], {}).get(row["metric"])
+    assert row["ensemble"] == ("" if value is None else repr(float(value)))
+    assert row["ensemble_folds"] == "0;1"
+  assert "· ens. " in (out / "domain_matrices.md").read_text()
