@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   # midog_jax/model/weights.py); a .safetensors/.npz path; or "none" (from scratch).
   config.model.body_weights = "imagenet"
   config.model.backbone = "resnet18"  # A key of midog_jax/model/backbones.py's BACKBONES.
+  config.model.channels = 128  # Width of the FPN and the heads (the reference's).
 
   config.loss = ml_collections.ConfigDict()
   config.loss.focal = "reference"  # 0.75 positives / 0.25 negatives; or "standard".

@@ -45,6 +45,7 @@ def synthetic_layouts(synthetic_data_dir):
 def plan_runs(tmp_path_factory, synthetic_data_dir):
   """`experiments run --plan all --folds 0,1` with a tiny configuration."""
   from midog_jax import experiments
+  from tests.train_fixtures import network_flags
   workdir = tmp_path_factory.mktemp("plan")
   # The runs are subprocesses: one CPU device each compiles and runs faster.
   saved = os.environ.pop("XLA_FLAGS", None)
@@ -56,7 +57,8 @@ def plan_runs(tmp_path_factory, synthetic_data_dir):
         "--set", "valid_patches_per_epoch=8", "--set", "eval.batch_size=8",
         "--set", "prefetch=0", "--set", "model.body_weights=none",
         # 64 px windows with 50 px overlap would be 5 x the windows: tests keep 10 %.
-        "--set", "eval.window_min_overlap=0"])
+        "--set", "eval.window_min_overlap=0",
+        *(a for flag in network_flags("") for a in ("--set", flag))])
   finally:
     if saved is not None:
       os.environ["XLA_FLAGS"] = saved

@@ -31,8 +31,28 @@ def build_layout(manual: pathlib.Path, data: pathlib.Path, num_shards: int | Non
   return str(data)
 
 
+# The network of the tests that check mechanics (resume, sharding, outputs), not the
+# reference's architecture: ResNet18 at a quarter of its width, FPN and heads at 32.
+# A sixteenth of the convolutions' work and of the checkpoints' bytes.
+TEST_NETWORK = {"model.backbone": "resnet18_narrow", "model.channels": 32}
+
+
+def network_flags(prefix: str = "--config.") -> list[str]:
+  """TEST_NETWORK as command-line overrides: `--config.K=V` (train, demo) or, with
+  prefix "", `K=V` (experiments --set)."""
+  return [f"{prefix}{k}={v}" for k, v in TEST_NETWORK.items()]
+
+
+def use_test_network(config) -> None:
+  """Sets TEST_NETWORK in `config`."""
+  for key, value in TEST_NETWORK.items():
+    section, field = key.split(".")
+    config[section][field] = value
+
+
 def tiny_config(data_dir: str, **overrides):
   config = demo.get_config()
+  use_test_network(config)
   config.data_dir = data_dir
   config.patch_size = 64
   config.batch_size = 8

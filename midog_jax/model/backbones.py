@@ -10,6 +10,7 @@ returns C3, C4, C5 at strides 8, 16, 32 from `module(x, train)`), then add a
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import jax.numpy as jnp
@@ -46,10 +47,17 @@ RESNET18_IMAGENET = weights.HubFile(
     repo="timm/resnet18.tv_in1k", filename="model.safetensors",
     revision="590dfdd48494d2316a8385e1ca7fbec3b9359b35")
 
+NARROW_WIDTH = 16  # A quarter of ResNet18's: a sixteenth of its convolutions' work.
+
 BACKBONES: dict[str, Backbone] = {
     "resnet18": Backbone(make=resnet.ResNet18, feature_channels=resnet.FEATURE_CHANNELS,
                          late_layers=resnet.LATE_LAYERS,
                          pretrained={weights.IMAGENET: RESNET18_IMAGENET}),
+    # The same network at a quarter of the width, without pretrained weights: for the
+    # tests and quick trials on a CPU (with e.g. model.channels=32), never the paper's.
+    "resnet18_narrow": Backbone(make=functools.partial(resnet.ResNet18, width=NARROW_WIDTH),
+                                feature_channels=resnet.feature_channels(NARROW_WIDTH),
+                                late_layers=resnet.LATE_LAYERS),
 }
 
 

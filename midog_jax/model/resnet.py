@@ -1,7 +1,9 @@
 """torchvision's ResNet18 up to layer4, the reference's body.
 
 Attribute names follow torchvision's, so its state-dict names map onto our
-variables one to one (`weights.torchvision_name`).
+variables one to one (`weights.torchvision_name`). `width` (64 in
+torchvision) scales every layer: a narrower body is the same network, for
+tests and quick trials.
 """
 
 from __future__ import annotations
@@ -12,7 +14,13 @@ from flax import nnx
 
 from midog_jax.model.layers import KAIMING_OUT, BatchNorm, conv
 
-FEATURE_CHANNELS = (128, 256, 512)  # C3, C4, C5.
+WIDTH = 64  # torchvision's: channels of the stem and layer1; layers 2-4 double it each.
+FEATURE_CHANNELS = (2 * WIDTH, 4 * WIDTH, 8 * WIDTH)  # C3, C4, C5.
+
+
+def feature_channels(width: int = WIDTH) -> tuple[int, int, int]:
+  """Widths of C3, C4, C5 of a ResNet18 of stem width `width`."""
+  return 2 * width, 4 * width, 8 * width
 # fastai's split of a ResNet body for discriminative rates: layer3 and layer4
 # form the second group, the stem to layer2 the first.
 LATE_LAYERS = frozenset({"layer3", "layer4"})
@@ -44,12 +52,12 @@ class BasicBlock(nnx.Module):
 class ResNet18(nnx.Module):
   """ResNet18 up to layer4; attribute names follow torchvision's."""
 
-  def __init__(self, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs, width: int = WIDTH):
     self.dtype = dtype
-    self.conv1 = conv(3, 64, 7, 2, bias=False, init=KAIMING_OUT, dtype=dtype,
+    self.conv1 = conv(3, width, 7, 2, bias=False, init=KAIMING_OUT, dtype=dtype,
                       rngs=rngs)
-    self.bn1 = BatchNorm(64, dtype=dtype)
-    widths, cin = (64, 128, 256, 512), 64
+    self.bn1 = BatchNorm(width, dtype=dtype)
+    widths, cin = (width, 2 * width, 4 * width, 8 * width), width
     for i, width in enumerate(widths):
       stride = 1 if i == 0 else 2
       blocks = nnx.List([BasicBlock(cin, width, stride, dtype=dtype, rngs=rngs),

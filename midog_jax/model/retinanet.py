@@ -53,7 +53,8 @@ class RetinaNetConfig:
     m = config.model
     return cls(levels=tuple(m.levels), num_classes=m.num_classes, dtype=m.dtype,
                body_weights=m.body_weights if pretrained else None,
-               backbone=m.get("backbone", backbones.DEFAULT))
+               backbone=m.get("backbone", backbones.DEFAULT),
+               channels=m.get("channels", cls.channels))
 
 
 def _upsample2(x: jax.Array) -> jax.Array:

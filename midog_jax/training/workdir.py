@@ -31,7 +31,7 @@ NEUTRAL_FIELDS = frozenset({
 # with the value those runs had: such a run resumes unchanged.
 ADDED_FIELDS = {"model.backbone": "resnet18", "augment.colour": [], "domains": "all",
                 "stain_normalization": "none", "augment.randstainna": "none",
-                "augment.randstainna_sigma": 1.0}
+                "augment.randstainna_sigma": 1.0, "model.channels": 128}
 
 TRAIN_LOCK = ".lock"  # Held by the training process.
 CLAIM_LOCK = ".claim"  # Held by the launcher that started it.

@@ -12,6 +12,7 @@ import pytest
 
 from midog_jax import console
 from tests.helpers import ROOT
+from tests.train_fixtures import network_flags
 
 ENTRY_POINTS = ("train", "detect", "eval", "demo", "stats", "weights")
 HEAVY = ("jax", "tensorflow", "tensorflow_datasets", "flax", "orbax")
@@ -118,7 +119,7 @@ def test_sigterm_during_start_up_is_one_line_and_exit_143(synthetic_data_dir, tm
   proc = subprocess.Popen(
       [sys.executable, "-m", "midog_jax.train", "--config", "configs/demo.py",
        "--workdir", str(tmp_path / "w"), f"--config.data_dir={synthetic_data_dir}",
-       "--config.patch_size=64", "--config.model.body_weights=none"],
+       "--config.patch_size=64", "--config.model.body_weights=none", *network_flags()],
       stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
   lines = []
   for line in proc.stderr:  # The cases are read: start-up goes on (caches, model, compile).

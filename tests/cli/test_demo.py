@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from tests.helpers import ROOT
+from tests.train_fixtures import network_flags
 from tests.cli.test_cli import NOISE, _env
 
 # Seconds of training. The notebook's tiny path (colab/, MIDOG_NOTEBOOK_TINY) has the
@@ -16,7 +17,7 @@ TINY = ["--config.synthetic.cases_per_domain=3", "--config.synthetic.width=192",
         "--config.synthetic.height=160", "--config.num_epochs=2",
         "--config.train_patches_per_epoch=16", "--config.valid_patches_per_epoch=16",
         "--config.patch_size=64", "--config.eval.window_min_overlap=0",
-        "--config.eval.score_threshold=0.01", "--overlays=0"]
+        "--config.eval.score_threshold=0.01", "--overlays=0", *network_flags()]
 TIMING = ("wall_seconds", "stage_seconds", "epoch_seconds", "train_seconds")
 
 

@@ -93,3 +93,27 @@ def test_a_registered_backbone_loads_weights_by_its_own_names(toy, tmp_path):
 def test_an_unknown_backbone_lists_the_known_ones():
   with pytest.raises(ValueError, match="model.backbone 'resnet50'.*'resnet18'"):
     retinanet.RetinaNet(retinanet.RetinaNetConfig(backbone="resnet50"), rngs=nnx.Rngs(0))
+
+
+def test_the_narrow_resnet18_is_the_same_network_at_a_quarter_of_the_width():
+  """Every variable of ResNet18 under the same name, each channel count a quarter (the
+  RGB input aside); its features at the strides and widths it declares."""
+  narrow, full = backbones.get("resnet18_narrow"), backbones.get("resnet18")
+  small, large = narrow.weight_shapes(), full.weight_shapes()
+  assert sorted(small) == sorted(large)
+  for name, shape in large.items():
+    if len(shape) == 4:  # HWIO kernels: the input of conv1 is RGB, not a width.
+      want = (*shape[:2], 3 if shape[2] == 3 else shape[2] // 4, shape[3] // 4)
+    else:
+      want = tuple(d // 4 for d in shape)
+    assert small[name] == want, name
+  body = narrow.make(dtype=jnp.float32, rngs=nnx.Rngs(0))
+  c3, c4, c5 = body(jnp.zeros((1, 64, 64, 3)))
+  assert [c.shape for c in (c3, c4, c5)] == [
+      (1, 8, 8, 32), (1, 4, 4, 64), (1, 2, 2, 128)]
+  assert narrow.feature_channels == (32, 64, 128) and not narrow.pretrained
+  # A run names it and the FPN's width in its configuration.
+  config = demo.get_config()
+  config.model.update(backbone="resnet18_narrow", channels=32)
+  model_config = retinanet.RetinaNetConfig.from_config(config, pretrained=False)
+  assert (model_config.backbone, model_config.channels) == ("resnet18_narrow", 32)

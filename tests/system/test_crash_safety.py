@@ -27,6 +27,7 @@ import pytest
 from midog_jax.training import checkpoints
 from midog_jax.training import metric_writer
 from tests.helpers import ROOT, env_without_accelerators
+from tests.train_fixtures import network_flags
 
 TIMING = ("epoch_seconds", "train_seconds")
 
@@ -46,7 +47,7 @@ def _args(data_dir, workdir):
           "--config.eval.every_epochs=1", "--config.eval.batch_size=8",
           # The cheaper selection metric: what is checked is the resume, not the metric.
           "--config.eval.selection=reference",
-          "--config.log_every_steps=3", "--config.prefetch=0"]
+          "--config.log_every_steps=3", "--config.prefetch=0", *network_flags()]
 
 
 def _train(data_dir, workdir):

@@ -18,6 +18,7 @@ from midog_jax.data import dataset
 from midog_jax.detection import detector
 from midog_jax.training import checkpoints
 from tests.helpers import ROOT, env_without_accelerators
+from tests.train_fixtures import network_flags
 
 
 def _truncate_arrays(step_dir):
@@ -80,13 +81,14 @@ def test_detect_with_a_damaged_checkpoint_named_fails_in_one_line(damaged_run, s
   assert not (tmp_path / "pred.json").exists()
 
 
-# Files of at most 8 MiB for the training process: the run's small files are
-# written, the checkpoint's array file (over 100 MiB) fails as on a full disk
+# Files of at most 1 MiB for the training process: the run's small files (and the
+# compilation cache's, under 0.5 MiB) are written, the checkpoint's array files
+# (about 3 MiB with the tests' network) fail as on a full disk
 # (EFBIG; SIGXFSZ ignored, so an error, not a kill). Set before exec, in the
 # child only.
 _LIMITED = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             "resource.setrlimit(resource.RLIMIT_FSIZE, "
-            "(8 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
+            "(1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
             "os.execv(sys.executable, [sys.executable, '-m', 'midog_jax.train', *sys.argv[1:]])")
 
 
@@ -102,7 +104,7 @@ def test_a_save_that_fails_inside_tensorstore_prints_one_line(synthetic_data_dir
        "--config.patch_size=64", "--config.batch_size=4", "--config.train_patches_per_epoch=16",
        "--config.valid_patches_per_epoch=8", "--config.num_epochs=1",
        "--config.eval.every_epochs=1", "--config.eval.batch_size=8",
-       "--config.eval.selection=reference", "--config.prefetch=0"],
+       "--config.eval.selection=reference", "--config.prefetch=0", *network_flags()],
       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode == 2, proc.stderr[-3000:]

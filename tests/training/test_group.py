@@ -26,7 +26,7 @@ from midog_jax.training import metric_writer
 from midog_jax.training import optim
 from midog_jax.training import steps
 from midog_jax.training import trainer
-from tests.train_fixtures import tiny_config
+from tests.train_fixtures import TEST_NETWORK, tiny_config
 
 TIMING = ("epoch_seconds", "train_seconds")
 
@@ -80,7 +80,7 @@ def member_configs(data_dir, **overrides):
 def member_options(data_dir, workdir: pathlib.Path, k: int, **overrides) -> list[str]:
   """Run k of `member_configs(data_dir, **overrides)` as `train` options (the launcher's form)."""
   settings = {"patch_size": 64, "batch_size": 8, "valid_patches_per_epoch": 8, "num_epochs": 2,
-              "prefetch": 0, "seed": k, **SETTINGS, **MEMBERS[k], **overrides}
+              "prefetch": 0, "seed": k, **TEST_NETWORK, **SETTINGS, **MEMBERS[k], **overrides}
   return ["--config", "configs/demo.py", "--workdir", str(workdir),
           f"--config.data_dir={data_dir}", *(f"--config.{f}={v}" for f, v in settings.items())]
 

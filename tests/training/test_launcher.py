@@ -209,7 +209,8 @@ def test_parallel_runs_finish_a_tiny_plan(plan_runs, synthetic_data_dir, tmp_pat
     (root / "all_domains" / f"fold{k}" / "summary.json").unlink()
   recorded = json.loads((root / "all_domains" / "fold0" / "config.json").read_text())
   keys = ["patch_size", "num_epochs", "batch_size", "train_patches_per_epoch",
-          "valid_patches_per_epoch", "eval.window_min_overlap", "model.body_weights"]
+          "valid_patches_per_epoch", "eval.window_min_overlap", "model.body_weights",
+          "model.backbone", "model.channels"]
   sets = [f"{k}={workdir.flatten(recorded)[k]}" for k in keys]
   argv = ["run", "--plan", "all", "--folds", "0,1", "--workdir", str(root), "--data-dir",
           synthetic_data_dir, "--parallel", "2"] + [a for kv in sets for a in ("--set", kv)]

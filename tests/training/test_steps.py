@@ -14,6 +14,7 @@ from flax import nnx
 from midog_jax import sharding
 from midog_jax.model import retinanet as M
 from midog_jax.training import steps
+from tests.train_fixtures import TEST_NETWORK
 
 PATCH, BATCH = 128, 8
 
@@ -29,9 +30,14 @@ def batch():
   return images, gt, valid
 
 
+# The tests' network (tests/train_fixtures.py): the step's sharding, not the architecture.
+NETWORK = M.RetinaNetConfig(backbone=TEST_NETWORK["model.backbone"],
+                            channels=TEST_NETWORK["model.channels"])
+
+
 @pytest.fixture(scope="module")
 def model():
-  return M.build_model(M.RetinaNetConfig(), seed=0)
+  return M.build_model(NETWORK, seed=0)
 
 
 def _run(model, batch, n_devices: int, n_steps: int):
@@ -128,7 +134,7 @@ def test_abstract_train_state_has_the_shapes_of_the_real_one(model):
   mesh = sharding.make_mesh(jax.devices()[:2])
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   abstract_graphdef, abstract = steps.abstract_train_state(
-      lambda: M.RetinaNet(M.RetinaNetConfig(), rngs=nnx.Rngs(0)), tx, replicated)
+      lambda: M.RetinaNet(NETWORK, rngs=nnx.Rngs(0)), tx, replicated)
   assert abstract_graphdef == graphdef
   assert jax.tree.structure(abstract) == jax.tree.structure(state)
   for a, x in zip(jax.tree.leaves(abstract), jax.tree.leaves(state)):
