@@ -1,12 +1,10 @@
 """Two processes on 127.0.0.1 train the tiny config and end identical."""
 
-import os
 import socket
 import subprocess
 import sys
 
 from tests.helpers import ROOT, env_without_accelerators
-from tests.train_fixtures import build_synthetic
 
 
 def _free_port():
@@ -15,8 +13,8 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_train_identically(tmp_path):
-  data_dir = build_synthetic(tmp_path / "data")
+def test_two_processes_train_identically(synthetic_data_dir, tmp_path):
+  data_dir = synthetic_data_dir  # Read by both processes, written by neither.
   env = env_without_accelerators()
   env.pop("XLA_FLAGS", None)  # One CPU device per process.
   env["PYTHONPATH"] = str(ROOT)
