@@ -27,6 +27,7 @@ from midog_jax import domains
 from midog_jax import sharding
 from midog_jax.data import normalization
 from midog_jax.detection import sliding_window
+from midog_jax.model import backbones
 from midog_jax.model import retinanet as model_lib
 from midog_jax.training import steps
 
@@ -46,6 +47,10 @@ def main(argv=None) -> dict[str, float]:
   parser.add_argument("--patch", type=int, default=512)
   parser.add_argument("--batch", type=int, default=64, help="windows per device call")
   parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--backbone", default=backbones.DEFAULT, choices=sorted(backbones.BACKBONES),
+                      help="the body (default the reference's)")
+  parser.add_argument("--channels", type=int, default=model_lib.RetinaNetConfig.channels,
+                      help="FPN and head width (default the reference's)")
   parser.add_argument("--width", type=int, default=7215)
   parser.add_argument("--height", type=int, default=5412)
   parser.add_argument("--steps", type=int, default=10)
@@ -54,7 +59,8 @@ def main(argv=None) -> dict[str, float]:
   parser.add_argument("--json", default=None, help="also write the results here")
   args = parser.parse_args(argv)
 
-  model = model_lib.build_model(model_lib.RetinaNetConfig(dtype=args.dtype))
+  model = model_lib.build_model(model_lib.RetinaNetConfig(
+      dtype=args.dtype, backbone=args.backbone, channels=args.channels))
   graphdef, params, batch_stats = steps.split_model(model)
   norm = normalization.Normalization((200.0, 150.0, 200.0), (40.0, 40.0, 30.0))
   mesh = sharding.make_mesh(jax.local_devices())

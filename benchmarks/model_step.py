@@ -20,6 +20,7 @@ import optax
 import flops as flops_lib  # benchmarks/flops.py, next to this file.
 from midog_jax import atomic
 from midog_jax import sharding
+from midog_jax.model import backbones
 from midog_jax.model import retinanet
 from midog_jax.training import steps
 
@@ -54,6 +55,10 @@ def main(argv=None) -> dict[str, float]:
                       choices=["float32", "bfloat16"])
   parser.add_argument("--devices", type=int, default=1)
   parser.add_argument("--levels", type=int, nargs="+", default=[4])
+  parser.add_argument("--backbone", default=backbones.DEFAULT, choices=sorted(backbones.BACKBONES),
+                      help="the body (default the reference's)")
+  parser.add_argument("--channels", type=int, default=retinanet.RetinaNetConfig.channels,
+                      help="FPN and head width (default the reference's)")
   parser.add_argument("--boxes", type=int, default=16,
                       help="padded ground-truth boxes per image")
   parser.add_argument("--warmup", type=int, default=3)
@@ -72,14 +77,14 @@ def main(argv=None) -> dict[str, float]:
     parser.error(f"need {args.devices} devices dividing the batch; have "
                  f"{len(jax.devices())}")
   mesh = sharding.make_mesh(devices)
-  config = retinanet.RetinaNetConfig(levels=tuple(args.levels),
-                                     dtype=args.dtype)
+  config = retinanet.RetinaNetConfig(levels=tuple(args.levels), dtype=args.dtype,
+                                     backbone=args.backbone, channels=args.channels)
   model = retinanet.build_model(config)
   images, gt, valid = sharding.shard_batch(
       fake_batch(args.batch, args.patch, args.boxes), mesh)
   print(f"device: {devices[0].device_kind} x {len(devices)}, patch "
         f"{args.patch}, batch {args.batch}, {args.dtype}, levels "
-        f"{config.levels}")
+        f"{config.levels}, {config.backbone} with {config.channels} channels")
 
   results = {"device_kind": devices[0].device_kind, "devices": len(devices),
              "patch": args.patch, "batch": args.batch, "dtype": args.dtype}

@@ -15,7 +15,7 @@ def test_benchmark_prints_rates():
   result = subprocess.run(
       [sys.executable, str(SCRIPT), "--patch", "64", "--batch", "4",
        "--dtype", "float32", "--devices", "2", "--warmup", "1", "--steps",
-       "1"], capture_output=True, text=True, env=env, timeout=300, check=False)
+       "1", "--backbone", "resnet18_narrow", "--channels", "32"], capture_output=True, text=True, env=env, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   rates = dict(re.findall(r"^(train|forward):\s+([0-9.]+) img/s",
                           result.stdout, re.MULTILINE))
