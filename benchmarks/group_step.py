@@ -33,33 +33,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import random_inputs  # benchmarks/random_inputs.py, beside this script.
 from configs import default
 from midog_jax import atomic
 from midog_jax import sharding
-from midog_jax.data import annotations
 from midog_jax.data import crops
 from midog_jax.data import input_pipeline
 from midog_jax.data import normalization
 from midog_jax.data import roi_store
-from midog_jax.data import sampling
 from midog_jax.model import retinanet
 from midog_jax.training import optim
 from midog_jax.training import steps
 
 NORM = normalization.Normalization((200.0, 150.0, 200.0), (40.0, 40.0, 30.0))
-
-
-def random_cases(n: int, side: int, objects: int = 50, seed: int = 0):
-  """(cases, load_roi): random uint8 ROIs and object positions (MIDOG++ averages 52)."""
-  rng = np.random.default_rng(seed)
-  cases, rois = [], {}
-  for i in range(n):
-    xy = rng.uniform(30, side - 30, (objects, 2)).astype(np.float32)
-    labels = np.where(np.arange(objects) % 2 == 0, annotations.MITOTIC_FIGURE,
-                      annotations.NON_MITOTIC_FIGURE).astype(np.int32)
-    cases.append(sampling.SampledCase(i, side, side, xy, labels))
-    rois[i] = rng.integers(0, 256, (side, side, 3), np.uint8)
-  return cases, rois.__getitem__
 
 
 def make_config(args):
@@ -184,8 +170,8 @@ def main(argv=None) -> dict:
     parser.error(f"need {args.devices} devices dividing the batch; have {len(jax.devices())}")
   mesh = sharding.make_mesh(devices)
   config = make_config(args)
-  cases, load = random_cases(args.cases, args.roi)
-  cache = roi_store.RoiCache(load, 1 << 40)
+  cases, rois = random_inputs.random_cases(args.cases, args.roi)
+  cache = roi_store.RoiCache(rois.__getitem__, 1 << 40)
 
   def pipeline(seed: int, workers: int | None = None):
     return input_pipeline.PatchInput(cases, None, patch_size=args.patch, patches_per_epoch=1000,

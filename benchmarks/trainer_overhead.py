@@ -32,31 +32,17 @@ sys.modules.setdefault("tensorflow", None)  # `import tensorflow` now fails fast
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import random_inputs  # noqa: E402  benchmarks/random_inputs.py, beside this script.
 from configs import default  # noqa: E402
 from midog_jax import atomic
 from midog_jax import sharding
-from midog_jax.data import annotations  # noqa: E402
 from midog_jax.data import input_pipeline
 from midog_jax.data import normalization  # noqa: E402
-from midog_jax.data import sampling
 from midog_jax.model import retinanet as model_lib
 from midog_jax.training import inputs
 from midog_jax.training import optim
 from midog_jax.training import steps
 from midog_jax.training import trainer
-
-
-def synthetic_cases(n: int, side: int, objects: int, seed: int = 0):
-  """(cases, {case id: uint8 ROI}) with random images and object positions."""
-  rng = np.random.default_rng(seed)
-  cases, rois = [], {}
-  for i in range(n):
-    centers = rng.uniform(30, side - 30, (objects, 2)).astype(np.float32)
-    labels = np.where(np.arange(objects) % 2 == 0, annotations.MITOTIC_FIGURE,
-                      annotations.NON_MITOTIC_FIGURE).astype(np.int32)
-    cases.append(sampling.SampledCase(i, side, side, centers, labels))
-    rois[i] = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
-  return cases, rois
 
 
 def make_config(args):
@@ -89,7 +75,7 @@ def main(argv=None) -> dict:
   devices = jax.devices()
   mesh = sharding.make_mesh(devices)
   config = make_config(args)
-  cases, rois = synthetic_cases(args.cases, args.roi, 40)
+  cases, rois = random_inputs.random_cases(args.cases, args.roi, 40)
   norm = normalization.Normalization((200.0, 150.0, 200.0), (40.0, 40.0, 30.0))
   common = dict(patch_size=args.patch, global_batch_size=args.batch, seed=0, mesh=mesh,
                 prefetch=args.prefetch, cache_bytes=sum(r.nbytes for r in rois.values()) + 1)

@@ -53,10 +53,10 @@ def test_groups_divide_the_training_time_by_their_speed_up(capsys):
 def test_the_host_side_crops_for_every_run_of_a_group():
   from midog_jax import sharding
   from midog_jax.data import input_pipeline
-  cases, load = group_step.random_cases(2, 256, objects=10)
-  assert [c.case_id for c in cases] == [0, 1] and load(1).shape == (256, 256, 3)
+  cases, rois = group_step.random_inputs.random_cases(2, 256, objects=10)
+  assert [c.case_id for c in cases] == [0, 1] and rois[1].shape == (256, 256, 3)
   mesh = sharding.make_mesh(jax.devices()[:1])
-  pipes = [input_pipeline.PatchInput(cases, load, patch_size=32, patches_per_epoch=64,
+  pipes = [input_pipeline.PatchInput(cases, rois.__getitem__, patch_size=32, patches_per_epoch=64,
                                      global_batch_size=4, seed=k, mesh=mesh, prefetch=2,
                                      workers=1)
            for k in range(3)]
