@@ -116,13 +116,13 @@ def _run_identity(run: detector_lib.LoadedRun) -> dict:
           "stain": None if stain is None else stain.to_json(), "step": run.step, "files": files}
 
 
-def _per_slide(stain, normalize):
-  """The Model's `per_slide` of a stain normalisation (None without one)."""
+def _per_slide(stain):
+  """The Model's `per_slide` of a run's stain normalisation (None without one)."""
   if stain is None or stain.normalization == "none":
     return None
   def per_slide(thumb):
     params = stain.image_params(thumb)  # Once per slide, from its low-resolution level.
-    return lambda window: normalize(window, params)
+    return lambda window: stain.normalize(window, params)
   return per_slide
 
 
@@ -137,17 +137,15 @@ def model_from_runs(runs: Sequence[detector_lib.LoadedRun], min_score: float,
                  det.batch_size, det.min_overlap, det.threshold,
                  trained_resolution(runs[0].config), _key(_run_identity(runs[0])),
                  {"workdir": runs[0].workdir, "step": runs[0].step},
-                 _per_slide(det.stain, det.normalize))
+                 _per_slide(det.stain))
   ens = ensemble.EnsembleDetector(runs, min_score, batch_size)
   ranges = [trained_resolution(r.config) for r in runs]
-  stain = ens.stain
   return Model(lambda windows, origins: ens.member_windows(windows), ens.patch, ens.batch_size,
                ens.min_overlap, ens.threshold,
                (min(r[0] for r in ranges), max(r[1] for r in ranges)),
                _key([_run_identity(r) for r in runs]),
                {"members": [{"workdir": r.workdir, "step": r.step} for r in runs]},
-               _per_slide(stain, lambda window, params: stain.normalize(window, params)),
-               members=len(runs))
+               _per_slide(ens.stain), members=len(runs))
 
 
 def select_windows(region: np.ndarray, cell: int, width: int, height: int, scale: float,
@@ -220,10 +218,9 @@ def detect_bands(slide: slide_reader.Slide, model: Model, xy: np.ndarray, local:
   initial = sum(min(per_band, len(xy) - i * per_band) for i in done)
   computed = 0
 
-  def on_host(out, m):
-    """The batch's outputs as host arrays [M, m, ...]: its m windows, every member."""
-    arrays = tuple(np.asarray(a) for a in out)
-    return tuple((a if model.members > 1 else a[None])[:, :m] for a in arrays)
+  def with_members(out):
+    """The batch's outputs [M, B, ...]: one model's get the member axis."""
+    return out if model.members > 1 else tuple(a[None] for a in out)
 
   def read(origin):
     window = slide_reader.read_window(slide, int(origin[0]), int(origin[1]), model.patch, scale)
@@ -251,17 +248,17 @@ def detect_bands(slide: slide_reader.Slide, model: Model, xy: np.ndarray, local:
       n = len(futures)
       origins = np.zeros((b, 2), np.int64)
       origins[:n] = xy[start:start + n]
-      outputs.append([start, n, model.fn(windows, origins), False])  # Asynchronous on a device.
+      # Asynchronous on a device.
+      outputs.append((start, n, with_members(model.fn(windows, origins))))
       if len(outputs) > IN_FLIGHT:  # Wait for an older batch: its windows are then freed.
-        older = outputs[-IN_FLIGHT - 1]
-        if not older[3]:
-          older[2:] = on_host(older[2], older[1]), True
+        s, m, out = outputs[-IN_FLIGHT - 1]
+        outputs[-IN_FLIGHT - 1] = (s, m, tuple(np.asarray(a)[:, :m] for a in out))
       bar.update(n)
       computed += n
       if not ahead or ahead[0][0] != band:  # The band's last batch: save it.
         found = []
-        for s, m, out, on in outputs:
-          out = out if on else on_host(out, m)
+        for s, m, out in outputs:
+          out = tuple(np.asarray(a)[:, :m] for a in out)
           for k in range(model.members):
             found.append((*sliding_window.to_image_coordinates(
                 local[s:s + m], *(a[k] for a in out), (fh, fw)), k))
